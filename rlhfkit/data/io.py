@@ -1,0 +1,162 @@
+"""Reading records from JSONL (plain or gzipped), JSON arrays, Hugging Face `datasets` objects and lists of dicts.
+
+Every record comes with `where`, a location such as `prefs.jsonl:12` that error messages name. Bad input
+(malformed JSON, non-UTF-8 bytes, a line that is not an object, an empty file, a huge line) raises a `UserError`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from rlhfkit.errors import UserError
+
+MAX_LINE_BYTES = 64 * 1024 * 1024
+"""A single JSONL line larger than this is rejected (a file with no newlines, say) instead of exhausting memory."""
+
+
+@dataclass
+class Record:
+    where: str
+    """file:line (or name[index]) of the record, for error messages."""
+    data: dict
+
+
+def _open_binary(path: Path):
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+
+
+def _iter_lines(path: Path) -> Iterable[tuple[int, bytes]]:
+    try:
+        with _open_binary(path) as fh:
+            lineno = 0
+            while True:
+                line = fh.readline(MAX_LINE_BYTES + 1)
+                if not line:
+                    return
+                lineno += 1
+                if len(line) > MAX_LINE_BYTES:
+                    raise UserError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES // 2**20} MiB")
+                yield lineno, line
+    except (gzip.BadGzipFile, EOFError, OSError) as err:
+        if isinstance(err, UserError):
+            raise
+        raise UserError(f"{path}: cannot read ({err})") from None
+
+
+def _decode(path: Path, lineno: int, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+                        ) from None
+
+
+def read_records(source: Any, name: str | None = None) -> list[Record]:
+    """Load records from a path (.jsonl, .jsonl.gz, .json, .json.gz), a `datasets.Dataset`, or a list of dicts."""
+    if isinstance(source, (str, os.PathLike)):
+        return _read_file(resolve_data_path(source))
+    label = name or type(source).__name__
+    try:
+        rows = list(source)
+    except TypeError:
+        raise UserError(f"{label}: expected a file path, a datasets.Dataset or a list of dicts") from None
+    records = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(f"{label}[{i}]: expected an object (dict), got {type(row).__name__}")
+        records.append(Record(f"{label}[{i}]", dict(row)))
+    if not records:
+        raise UserError(f"{label}: no records")
+    return records
+
+
+def resolve_data_path(source: str | os.PathLike) -> Path:
+    """`bundled:NAME` names a file shipped in rlhfkit/assets/data; anything else is a path."""
+    text = str(source)
+    if text.startswith("bundled:"):
+        from importlib import resources
+
+        path = Path(str(resources.files("rlhfkit") / "assets" / "data" / text[len("bundled:"):]))
+        if not path.is_file():
+            raise UserError(f"{text}: no such bundled file (see rlhfkit/assets/data/README.md)")
+        return path
+    return Path(text)
+
+
+def _read_file(path: Path) -> list[Record]:
+    if not path.exists():
+        raise UserError(f"{path}: file not found")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected a .jsonl or .json file")
+    stem = path.name[:-3] if path.name.endswith(".gz") else path.name
+    if stem.endswith(".json"):
+        return _read_json_array(path)
+    records = []
+    for lineno, raw in _iter_lines(path):
+        text = _decode(path, lineno, raw).strip()
+        if not text:
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        records.append(Record(f"{path}:{lineno}", obj))
+    if not records:
+        raise UserError(f"{path}: empty file (no records)")
+    return records
+
+
+def _read_json_array(path: Path) -> list[Record]:
+    raw = b"".join(line for _, line in _iter_lines(path))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        lineno = raw[: err.start].count(b"\n") + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column})") from None
+    if not text.strip():
+        raise UserError(f"{path}: empty file (no records)")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+    if isinstance(obj, dict):
+        obj = [obj]
+    if not isinstance(obj, list):
+        raise UserError(f"{path}: expected a JSON array of objects")
+    records = []
+    for i, row in enumerate(obj):
+        if not isinstance(row, dict):
+            raise UserError(f"{path}[{i}]: expected an object, got {type(row).__name__}")
+        records.append(Record(f"{path}[{i}]", row))
+    if not records:
+        raise UserError(f"{path}: empty JSON array (no records)")
+    return records
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
+    """Write rows as JSONL atomically (temp file, then rename); gzip when the name ends in .gz. Returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    n = 0
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(tmp, "wt", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return n
