@@ -75,6 +75,9 @@ def _from_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
     local = os.path.isdir(name)
     if not local and (name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1)):
         raise UserError(f"{what}: folder {name!r} not found")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         return loader.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
