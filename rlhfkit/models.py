@@ -144,6 +144,22 @@ def apply_lora(model: Any, cfg: ModelConfig) -> Any:
     return get_peft_model(model, lora)
 
 
+def gpt2_tokenizer_from_files(vocab_file: str, merges_file: str) -> Any:
+    """A GPT-2 fast tokenizer from vocab.json + merges.txt (e.g. ../shared/data/cs336-fixtures).
+
+    transformers 5 ignores vocab_file/merges_file in GPT2Tokenizer(...) and builds an empty vocabulary, so the
+    tokenizer is built with the `tokenizers` library and wrapped."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    for path in (vocab_file, merges_file):
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: tokenizer file not found")
+    bpe = ByteLevelBPETokenizer(vocab_file, merges_file)
+    eos = "<|endoftext|>"
+    return GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, unk_token=eos, bos_token=eos, eos_token=eos)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Encoding
 

@@ -241,6 +241,8 @@ def _pair_from_record(rec: Record) -> PreferencePair:
     if label not in ("chosen", "tie", "both_bad"):
         raise UserError(f"{rec.where}: field 'label': expected chosen, tie or both_bad, got {label!r}")
     extra = _extra(rec, ("prompt", "chosen", "rejected", "margin", "label"))
+    if "prompt" not in d and difflib.get_close_matches("prompt", list(extra), n=1, cutoff=0.6):
+        raise _missing(rec, "prompt", ("chosen", "rejected"))
     if "prompt" in d:
         prompt = _text_or_messages(rec, "prompt")
         chosen, rejected = _text_or_messages(rec, "chosen"), _text_or_messages(rec, "rejected")
