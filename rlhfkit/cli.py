@@ -20,6 +20,30 @@ COMMANDS: dict[str, tuple] = {
             "rlhfkit.trainers.sft", "SFTConfig"),
     "generate": ("Sample completions for a prompts file; writes JSONL {prompt, completions}",
                  "rlhfkit.trainers.generate", "GenerateConfig"),
+    "annotate": ("Human feedback: annotation web app, users, import, simulated crowd, export", {
+        "serve": ("Start the annotation web app and JSON API (FastAPI + uvicorn)", "rlhfkit.annotate.cli", "ServeConfig"),
+        "project": ("Manage projects", {
+            "add": ("Create a project (label kinds, k per item, scale)", "rlhfkit.annotate.cli", "ProjectAddConfig")}),
+        "import": ("Import candidates (generate output) into a project", "rlhfkit.annotate.cli", "ImportConfig"),
+        "export": ("Write preference/rating/edit JSONL for rm and dpo", "rlhfkit.annotate.cli", "ExportConfig"),
+        "simulate": ("Label a project with a simulated crowd over HTTP", "rlhfkit.annotate.cli", "SimulateConfig"),
+        "user": ("Manage users", {
+            "add": ("Create a user and print its API token", "rlhfkit.annotate.cli", "UserAddConfig"),
+            "token": ("Replace a user's API token and print it", "rlhfkit.annotate.cli", "UserTokenConfig"),
+            "list": ("List users and roles", "rlhfkit.annotate.cli", "UserListConfig")}),
+        "stats": ("Progress per project and annotator, gold accuracy", "rlhfkit.annotate.cli", "StatsConfig"),
+        "agreement": ("Percent agreement, Krippendorff's alpha, per pair", "rlhfkit.annotate.cli", "AgreementConfig"),
+        "migrate": ("Upgrade a database to this version's schema", "rlhfkit.annotate.cli", "MigrateConfig"),
+    }),
+    "demo": ("The main job on bundled defaults (no arguments needed)", "rlhfkit.trainers.demo", "DemoConfig"),
+    "rm": ("Train, evaluate and apply reward models", {
+        "train": ("Train a linear (wᵀφ) or deep (scalar-head) reward model on pairs and/or ratings",
+                  "rlhfkit.trainers.rm", "RMTrainConfig"),
+        "eval": ("Pairwise accuracy, BT loss, calibration and length bias on preference pairs; JSON + plots",
+                 "rlhfkit.trainers.rm", "RMEvalConfig"),
+        "score": ("Add reward-model scores to a JSONL of prompt/completion(s)", "rlhfkit.trainers.rm",
+                  "RMScoreConfig"),
+    }),
 }
 
 
