@@ -75,7 +75,8 @@ class LocalServer:
 
         from rlhfkit.annotate.main import create_app
 
-        self.store = Store(self.settings.db, pool_size=self.settings.pool_size)
+        self.store = Store(self.settings.db, pool_size=self.settings.pool_size,
+                           sqlite_synchronous=self.settings.sqlite_synchronous)
         app = create_app(self.settings, store=self.store)
         config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", access_log=False,
                                 lifespan="on")

@@ -38,6 +38,8 @@ class ServeConfig:
     """Send cookies over HTTPS only."""
     pool_size: int = 8
     """Database connections kept open."""
+    sqlite_synchronous: str = "NORMAL"
+    """SQLite: NORMAL survives a crash/kill of the server; FULL also a power loss (fsync per commit, slower)."""
     log_level: str = "info"
     """uvicorn log level: critical, error, warning, info, debug."""
     access_log: bool = False
@@ -267,7 +269,8 @@ def serve(cfg: ServeConfig) -> dict:
     from rlhfkit.annotate.settings import Settings
 
     settings = Settings(db=cfg.db, max_body_bytes=cfg.max_body_bytes, session_hours=cfg.session_hours,
-                        cookie_secure=cfg.cookie_secure, pool_size=cfg.pool_size)
+                        cookie_secure=cfg.cookie_secure, pool_size=cfg.pool_size,
+                        sqlite_synchronous=cfg.sqlite_synchronous)
     app = create_app(settings)
     print(f"annotate: serving {app.state.store.safe_url} on http://{cfg.host}:{cfg.port} (JSON API under /api/)",
           flush=True)

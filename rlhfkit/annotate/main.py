@@ -162,7 +162,7 @@ def _error(request: Request, status: int, detail: str, headers: dict | None = No
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     own_store = store is None
-    store = store or Store(settings.db, pool_size=settings.pool_size)
+    store = store or Store(settings.db, pool_size=settings.pool_size, sqlite_synchronous=settings.sqlite_synchronous)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

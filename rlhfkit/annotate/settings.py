@@ -27,6 +27,9 @@ class Settings:
     """Shown in the page header."""
     pool_size: int = 8
     """Database connections kept open (twice as many more may be opened under load)."""
+    sqlite_synchronous: str = "NORMAL"
+    """SQLite only. NORMAL: a committed label survives a crash of the server process; FULL: also a power loss
+    (an fsync per commit, slower)."""
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":

@@ -246,8 +246,9 @@ def _project_id(http: httpx.Client, project: str) -> int:
 
 
 def simulate(url: str, admin_token: str, project: str, preference: Callable, *, spec: CrowdSpec | None = None,
-             edit_function: Callable | None = None) -> SimReport:
-    """Label `project` on the server at `url` with a simulated crowd; returns a SimReport."""
+             edit_function: Callable | None = None, report: SimReport | None = None) -> SimReport:
+    """Label `project` on the server at `url` with a simulated crowd; returns a SimReport (pass `report` to watch
+    `report.acknowledged` grow from another thread)."""
     spec = spec or CrowdSpec()
     if spec.crowd < 1:
         raise UserError(f"crowd: must be >= 1, got {spec.crowd}")
@@ -263,7 +264,7 @@ def simulate(url: str, admin_token: str, project: str, preference: Callable, *, 
         project_id = _project_id(http, project)
         users = _users(http, spec, project)
     scorer = Scorer(preference)
-    report = SimReport()
+    report = report if report is not None else SimReport()
     records: list[dict] = []
 
     async def run() -> None:

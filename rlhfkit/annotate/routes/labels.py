@@ -14,8 +14,7 @@ router = APIRouter(prefix="/api/labels", tags=["labels"])
 
 def submit(store: Store, user: User, body: LabelCreate) -> tuple[dict, bool]:
     """Validate and store one label for `user` (shared by the JSON API and the HTML form)."""
-    found = store.label_by_key(user_id=user.id, client_key=body.client_key)
-    item = store.item_for(user=user, item_id=body.item_id if found is None else found[0]["item_id"])
+    item = store.item_for(user=user, item_id=body.item_id)
     project = store.get_project(project_id=item["project_id"])
     payload = check_label(project, item["kind"], body)
     return store.submit_label(user=user, item=item, payload=payload)
