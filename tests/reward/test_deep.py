@@ -151,3 +151,17 @@ def test_deep_model_folder_is_transformers_loadable(tmp_path):
     rm = DeepRewardModel.load(tmp_path / "run/model", "cpu")
     raw = rm.raw_scores(["Tell me a story: "], ["the dog sat"])
     assert np.isfinite(raw).all()
+
+
+def test_train_layers_freezes_the_bottom_and_bf16_autocast_trains(tmp_path):
+    data = _write(tmp_path / "d.jsonl", word_pairs(16, seed=8))
+    _train(tmp_path, "top1", data, **{"model.train_layers": 1, "train.bf16_autocast": "true", "train.steps": 2})
+    after = load_file(str(tmp_path / "top1/model/model.safetensors"))
+    before = {n: p for n, p in load_scalar_model(ModelConfig(name="stories260k"), torch.device("cpu")).state_dict()
+              .items()}
+    n_layers = 5  # stories260k
+    changed = {k for k in after if k in before and not torch.equal(after[k], before[k])}
+    assert "score.weight" in changed
+    assert any(k.startswith(f"model.layers.{n_layers - 1}.") for k in changed)
+    assert not any(k.startswith("model.layers.0.") or "embed" in k for k in changed)
+    assert after["score.weight"].dtype == torch.float32  # autocast leaves the weights in float32
