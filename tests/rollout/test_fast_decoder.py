@@ -1,0 +1,211 @@
+"""The fast decode loop (rlhfkit.rollout, gen.backend=fast) against HF generate and the training forward.
+
+Reference: transformers `generate()` (greedy tokens must be identical) and rlhfkit.rl.forward_logprobs (the
+sampling log-probs must equal the training forward's, PITFALLS 1). Models: the bundled stories260k, tiny random
+Llama (GQA), Qwen2 (q/k/v biases) and GPT-2 models, and stories260k with a LoRA adapter.
+"""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlhfkit import models as M
+from rlhfkit import rl as R
+from rlhfkit.config import GenConfig, ModelConfig
+from rlhfkit.errors import UserError
+from rlhfkit.rollout import FastDecoder, resolve_backend, sample
+
+TOK = SimpleNamespace(eos_token_id=2, pad_token_id=0)  # sample() only reads these two ids
+
+
+@pytest.fixture(scope="module")
+def stories():
+    torch.manual_seed(0)
+    return M.load_causal_lm(ModelConfig(), torch.device("cpu")).eval()
+
+
+def random_prompts(n: int, vocab: int, seed: int = 0, lo: int = 3, hi: int = 17) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(3, vocab) for _ in range(rng.randrange(lo, hi))] for _ in range(n)]
+
+
+def tiny_model(kind: str):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1)
+    if kind == "llama-gqa":
+        cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        model = LlamaForCausalLM(cfg)
+    elif kind == "qwen2-bias":
+        cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        model = Qwen2ForCausalLM(cfg)
+        with torch.no_grad():  # make the q/k/v biases matter (they start at 0)
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    else:
+        cfg = GPT2Config(vocab_size=300, n_positions=128, n_embd=64, n_layer=2, n_head=4, bos_token_id=2,
+                         eos_token_id=2)
+        model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():  # sharpen the random model so greedy choices are far from ties
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    M.disable_dropout(model)
+    return model.eval()
+
+
+def assert_same_greedy(model, prompts, max_new_tokens=24):
+    gen = GenConfig(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=len(prompts))
+    hf = sample(model, TOK, prompts, GenConfig(**{**gen.__dict__, "backend": "hf"}))
+    fast = sample(model, TOK, prompts, GenConfig(**{**gen.__dict__, "backend": "fast"}))
+    assert fast.completion_ids == hf.completion_ids
+    assert fast.finished == hf.finished
+    for a, b in zip(fast.logprobs, hf.logprobs):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=0)
+    return fast
+
+
+def test_greedy_tokens_equal_hf_generate_stories260k(stories):
+    prompts = random_prompts(6, 512, lo=2, hi=20)  # left padding of 0..17 tokens
+    fast = assert_same_greedy(stories, prompts, max_new_tokens=40)
+    assert len({tuple(c) for c in fast.completion_ids}) > 1
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen2-bias", "gpt2"])
+def test_greedy_tokens_equal_hf_generate_tiny_random(kind):
+    model = tiny_model(kind)
+    assert resolve_backend(model, "auto") == "fast"
+    assert_same_greedy(model, random_prompts(5, 300, seed=3))
+
+
+def test_greedy_tokens_equal_hf_generate_with_lora(stories):
+    import copy
+
+    lora = M.apply_lora(copy.deepcopy(stories), ModelConfig(lora_r=4, lora_alpha=8))
+    torch.manual_seed(0)
+    with torch.no_grad():  # B starts at 0; give the adapter a real effect
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    prompts = random_prompts(4, 512, seed=5)
+    fast = assert_same_greedy(lora.eval(), prompts)
+    base = sample(stories, TOK, prompts, GenConfig(max_new_tokens=24, temperature=0.0, backend="fast"))
+    assert fast.completion_ids != base.completion_ids  # the adapter was used
+    with lora.disable_adapter():  # adapter off: the decoder sees the base weights
+        off = sample(lora, TOK, prompts, GenConfig(max_new_tokens=24, temperature=0.0, backend="fast"))
+    assert off.completion_ids == base.completion_ids
+
+
+@pytest.mark.parametrize("backend", ["fast", "hf"])
+def test_sampling_logprobs_equal_training_forward(stories, backend):
+    """Left-padded batch, temperature 0.7: the training forward (position_ids = cumsum(mask) - 1, logits / T)
+    reproduces the log-probs the sampler drew with (PITFALLS 1)."""
+    prompts = random_prompts(8, 512, seed=11, lo=1, hi=25)
+    gen = GenConfig(max_new_tokens=20, temperature=0.7, backend=backend)
+    s = sample(stories, TOK, prompts, gen, seed=0)
+    batch = R.make_rollout_batch(s.prompt_ids, s.completion_ids, s.logprobs, pad_id=0, eos_id=2,
+                                 prompts=[""] * 8, completions=[""] * 8)
+    assert batch.attention_mask[:, 0].min() == 0  # really left-padded
+    with torch.no_grad():
+        lp, _ = R.forward_logprobs(stories, batch, 0.7)
+    mask = batch.completion_mask.bool()
+    diff = (lp - batch.rollout_logprobs).abs()[mask]
+    assert diff.max() < 1e-4, diff.max()
+    # and the temperature matters: scoring at T=1 gives clearly different numbers
+    with torch.no_grad():
+        lp1, _ = R.forward_logprobs(stories, batch, 1.0)
+    assert (lp1 - batch.rollout_logprobs).abs()[mask].max() > 1e-2
+
+
+def rigged_eos_model(eos_logit: float):
+    """Tiny Llama whose lm_head gives EOS (id 2) a fixed extra logit: EOS comes at random steps per row."""
+    model = tiny_model("llama-gqa")
+    with torch.no_grad():
+        model.lm_head.weight[2].zero_()
+        model.lm_head.bias = None
+        model.lm_head.weight[2].add_(0.0)
+        model.model.norm.weight.fill_(1.0)
+    bias = torch.zeros(300)
+    bias[2] = eos_logit
+    head = torch.nn.Linear(64, 300, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.copy_(bias)
+    model.lm_head = head
+    return model
+
+
+def test_stops_on_eos_per_sequence_and_batch_stops_early():
+    model = rigged_eos_model(eos_logit=3.0)
+    prompts = random_prompts(16, 300, seed=2)
+    s = sample(model, TOK, prompts, GenConfig(max_new_tokens=30, temperature=1.0, backend="fast"), seed=0)
+    lengths = [len(c) for c in s.completion_ids]
+    assert len(set(lengths)) > 3  # rows stop at different steps
+    for c, f in zip(s.completion_ids, s.finished):
+        assert f == (c[-1] == 2) and 2 not in c[:-1]  # EOS once, at the end, when finished
+        assert f or len(c) == 30
+    # min_new_tokens bans EOS before step 5; an EOS-certain model then stops every row at step 5 at once
+    sure = rigged_eos_model(eos_logit=50.0)
+    s = sample(sure, TOK, prompts, GenConfig(max_new_tokens=30, min_new_tokens=5, temperature=1.0,
+                                             backend="fast"), seed=0)
+    assert all(len(c) == 6 and f for c, f in zip(s.completion_ids, s.finished))
+
+
+def test_sample_next_filters_and_inverse_cdf():
+    from rlhfkit.rollout import sample_next
+
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    logits = probs.clamp_min(1e-30).log().expand(20000, 4).contiguous()
+    tok, lp = sample_next(logits, GenConfig(temperature=1.0))
+    freq = torch.bincount(tok, minlength=4).float() / len(tok)
+    assert torch.allclose(freq, probs, atol=0.015) and freq[3] == 0  # zero probability never drawn
+    assert torch.allclose(lp, probs.log()[tok], atol=1e-6)
+    # top-k 1 and a tiny top-p are greedy; a banned token is never drawn; greedy scores at T = 1
+    for gen in (GenConfig(temperature=1.0, top_k=1), GenConfig(temperature=1.0, top_p=0.1)):
+        assert (sample_next(logits[:100], gen)[0] == 0).all()
+    banned, _ = sample_next(logits[:2000], GenConfig(temperature=1.0), ban=0)
+    assert (banned != 0).all()
+    g_tok, g_lp = sample_next(logits[:3] / 0.5, GenConfig(temperature=0.0))
+    assert (g_tok == 0).all() and torch.allclose(g_lp, torch.log_softmax(logits[:3] / 0.5, -1)[:, 0])
+    # top-p keeps the smallest set reaching p: 0.5 + 0.3 >= 0.7 -> only tokens 0 and 1
+    tp, _ = sample_next(logits[:5000], GenConfig(temperature=1.0, top_p=0.7))
+    assert set(tp.tolist()) == {0, 1}
+
+
+def test_seed_determinism_and_caller_rng_untouched(stories):
+    prompts = random_prompts(4, 512, seed=4)
+    gen = GenConfig(max_new_tokens=16, temperature=1.0, backend="fast")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = sample(stories, TOK, prompts, gen, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = sample(stories, TOK, prompts, gen, seed=7)
+    c = sample(stories, TOK, prompts, gen, seed=8)
+    assert a.completion_ids == b.completion_ids and a.logprobs == b.logprobs
+    assert a.completion_ids != c.completion_ids
+
+
+def test_backend_resolution_and_hf_fallback():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                                   num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=64,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+    assert resolve_backend(opt, "auto") == "hf"
+    with pytest.raises(UserError, match="gen.backend=fast"):
+        resolve_backend(opt, "fast")
+    with pytest.raises(UserError, match="gen.backend=fast"):
+        FastDecoder(opt)
+    s = sample(opt, TOK, random_prompts(2, 300), GenConfig(max_new_tokens=5, temperature=0.0, backend="auto"))
+    assert all(len(c) <= 5 for c in s.completion_ids) and len(s.logprobs) == 2

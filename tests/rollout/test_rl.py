@@ -1,0 +1,140 @@
+"""rlhfkit.rl: rollout batch layout, the training forward (row independence = PPO ratio exactly 1), values at the
+right positions, the LoRA adapter-off reference, resumable prompt order, explained variance."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rlhfkit import models as M
+from rlhfkit import rl as R
+from rlhfkit.config import GenConfig, ModelConfig
+from rlhfkit.heads import load_scalar_model, scalar_outputs
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return M.load_causal_lm(ModelConfig(), torch.device("cpu")).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return M.load_tokenizer("stories260k")
+
+
+def small_batch() -> R.RolloutBatch:
+    # prompts of 3 and 1 tokens, completions [5, 2(EOS)] and [7, 8, 9] (no EOS); pad 0, EOS 2
+    return R.make_rollout_batch([[1, 11, 12], [1]], [[5, 2], [7, 8, 9]], [[-0.5, -0.25], [-1.0, -2.0, -3.0]],
+                                pad_id=0, eos_id=2, prompts=["a", "b"], completions=["x", "y"],
+                                columns={"ref": ["r1", "r2"]})
+
+
+def test_make_rollout_batch_layout():
+    b = small_batch()
+    assert b.prompt_width == 3 and b.completion_ids.shape == (2, 3)
+    assert b.input_ids.tolist() == [[1, 11, 12, 5, 2, 0], [0, 0, 1, 7, 8, 9]]
+    assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    # positions count real tokens only: the left-padded row starts at 0 on its first real token
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 4], [0, 0, 0, 1, 2, 3]]
+    assert b.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert b.has_eos.tolist() == [True, False]
+    assert b.rollout_logprobs.tolist() == [[-0.5, -0.25, 0.0], [-1.0, -2.0, -3.0]]
+    sub = b.select([1])
+    assert sub.input_ids.tolist() == [[0, 0, 1, 7, 8, 9]] and sub.prompt_width == 3
+    assert sub.prompts == ["b"] and sub.completions == ["y"] and sub.columns == {"ref": ["r2"]}
+
+
+def test_pad_equal_to_eos_keeps_the_real_eos():
+    # GPT-2 style pad == EOS: the mask comes from lengths, so the real EOS keeps mask 1 (trl#1623)
+    b = R.make_rollout_batch([[5], [5]], [[7, 3], [7, 8, 9, 3]], None, pad_id=3, eos_id=3, prompts=["", ""],
+                             completions=["", ""])
+    assert b.completion_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert b.has_eos.tolist() == [True, True]
+
+
+def test_training_forward_is_row_independent(stories, tok):
+    """A row's log-probs do not depend on which rows share its forward pass (same padded widths): this is why the
+    PPO ratio is exactly 1 on the first minibatch although old log-probs were computed in other micro-batches."""
+    prompts = [tok(t)["input_ids"] for t in ["Once upon a time", "Lily", "The big red dog saw a cat and", "Tom"]]
+    batch = R.generate_rollout(stories, tok, ["p"] * 4, prompts, GenConfig(max_new_tokens=12, temperature=1.0),
+                               seed=0)
+    with torch.no_grad():
+        full, _ = R.forward_logprobs(stories, batch, 1.0)
+        for rows in ([2], [3, 0], [1, 2, 3]):
+            part, _ = R.forward_logprobs(stories, batch.select(rows), 1.0)
+            assert torch.equal(part, full[rows])
+        chunked, _ = R.score_rollout_forward(stories, batch, 1.0, micro_batch_size=3)
+    assert torch.equal(chunked, full)
+
+
+def test_forward_logprobs_matches_naive_and_entropy(stories):
+    b = small_batch()
+    with torch.no_grad():
+        lp, ent = R.forward_logprobs(stories, b, 0.5, with_entropy=True)
+        logits = stories(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                         position_ids=b.position_ids).logits  # (B, P+T, V)
+        naive = torch.log_softmax(logits[:, 2:-1] / 0.5, -1)  # positions P-1 .. P+T-2 predict the completion
+    assert torch.allclose(lp, naive.gather(-1, b.completion_ids.unsqueeze(-1)).squeeze(-1), atol=1e-5)
+    assert torch.allclose(ent, -(naive.exp() * naive).sum(-1), atol=1e-4)
+
+
+def test_values_read_before_each_completion_token():
+    value = load_scalar_model(ModelConfig(), torch.device("cpu"), init="normal").eval()
+    b = small_batch()
+    with torch.no_grad():
+        v = R.forward_values(value, b)
+        full = scalar_outputs(value, b.input_ids, b.attention_mask)
+    assert v.shape == (2, 3)
+    assert torch.equal(v, full[:, 2:5])  # hidden state at P-1+t predicts token t
+
+
+def test_lora_reference_is_the_base_model_with_adapter_off(stories):
+    lora = M.apply_lora(copy.deepcopy(stories), ModelConfig(lora_r=4)).eval()
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    assert R.load_reference(lora, ModelConfig(), torch.device("cpu")) is None
+    b = small_batch()
+    with torch.no_grad():
+        ref = R.reference_logprobs(lora, None, b, 1.0)
+        base, _ = R.forward_logprobs(stories, b, 1.0)
+        policy, _ = R.forward_logprobs(lora, b, 1.0)
+    assert torch.allclose(ref, base, atol=1e-6)
+    assert not torch.allclose(policy, base, atol=1e-3)  # the adapter is back on afterwards
+    full_ref = R.load_reference(stories, ModelConfig(), torch.device("cpu"))
+    assert full_ref is not None and not any(p.requires_grad for p in full_ref.parameters())
+
+
+def test_batch_indices_cover_every_prompt_per_pass_and_are_resumable():
+    n, bs = 10, 4
+    stream = [i for step in range(5) for i in R.batch_indices(n, bs, step, seed=3)]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert stream[:10] != stream[10:20]  # a fresh order each pass
+    assert R.batch_indices(n, bs, 3, seed=3) == stream[12:16]  # depends on the step alone
+
+
+def test_explained_variance_hand_computed():
+    mask = torch.tensor([[1, 1, 1, 0]])
+    returns = torch.tensor([[1.0, 2.0, 3.0, 99.0]])
+    # perfect critic -> 1; constant critic at the mean -> 0; values = returns - [1, -1, 0]:
+    # Var(returns) = 2/3, Var([1, -1, 0]) = 2/3 -> 0
+    assert R.explained_variance(returns, returns, mask) == 1.0
+    assert abs(R.explained_variance(torch.full_like(returns, 2.0), returns, mask)) < 1e-6
+    assert abs(R.explained_variance(returns - torch.tensor([[1.0, -1.0, 0.0, 5.0]]), returns, mask)) < 1e-6
+    # values = 0.5 * returns -> residual = 0.5 returns, Var = 1/6 -> 1 - (1/6)/(2/3) = 0.75
+    assert abs(R.explained_variance(0.5 * returns, returns, mask) - 0.75) < 1e-6
+
+
+def test_sample_table_and_files(tmp_path):
+    b = small_batch()
+    rows = R.sample_rows(b, torch.tensor([0.5, -1.0]), torch.tensor([0.25, 2.0]), 5)
+    assert rows == [{"prompt": "a", "completion": "x", "score": 0.5, "kl": 0.25},
+                    {"prompt": "b", "completion": "y", "score": -1.0, "kl": 2.0}]
+    assert "score +0.500" in R.format_sample_table(3, rows)
+    R.write_samples(tmp_path, 1, rows)
+    R.write_samples(tmp_path, 2, rows)
+    R.truncate_samples(tmp_path, 1)
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
