@@ -18,8 +18,11 @@ from rlhfkit.errors import UserError
 COMMANDS: dict[str, tuple] = {
     "sft": ("Supervised fine-tuning on prompt/completion, chat or plain-text data",
             "rlhfkit.trainers.sft", "SFTConfig"),
+    "dpo": ("Direct preference optimisation (DPO, IPO, cDPO, rDPO) on preference pairs", "rlhfkit.trainers.dpo", "DPOConfig"),
     "generate": ("Sample completions for a prompts file; writes JSONL {prompt, completions}",
                  "rlhfkit.trainers.generate", "GenerateConfig"),
+    "ppo": ("PPO with a KL penalty against the reference policy (reward function or reward model)",
+            "rlhfkit.trainers.ppo", "PPOConfig"),
     "annotate": ("Human feedback: annotation web app, users, import, simulated crowd, export", {
         "serve": ("Start the annotation web app and JSON API (FastAPI + uvicorn)", "rlhfkit.annotate.cli", "ServeConfig"),
         "project": ("Manage projects", {
