@@ -202,3 +202,44 @@ def test_model_output_is_escaped(app):
         assert app.post(f"/projects/{pid}/label", data=data, follow_redirects=False).status_code == 303
     mine = app.get(f"/projects/{pid}/mine").text
     assert XSS[1] not in mine and "&lt;img src=x onerror=" in mine and XSS[0] not in mine
+
+
+JUNK = [None, [], "x", 0, -1, 10**30, {"a": {"b": [None]}}, {"name": "x" * 5000}, {"records": [{}]},
+        {"records": "x"}, {"item_id": -5, "client_key": "k", "choice": "A"}, {"user": "../../etc"},
+        {"name": "ok-name", "kinds": ["nope"]}, {"name": "ok2", "scale_min": 5, "scale_max": 1}]
+
+
+def test_junk_never_gives_500(app):
+    posts = ["/api/users", "/api/projects", "/api/projects/1/items", "/api/projects/999/items",
+             "/api/projects/1/members", "/api/labels", "/api/projects/1/next", "/api/projects/abc/next",
+             "/api/tasks/999/release", "/api/users/nobody/token"]
+    gets = ["/api/projects/999", "/api/projects/1/export?kind=bad", "/api/projects/1/export?min_votes=0",
+            "/api/labels?project_id=-1", "/api/labels", "/api/projects/999/stats", "/api/projects/999/agreement"]
+    before = (app.store.count_labels(), len(app.store.list_users()))
+    for who in ("admin", "ann1"):
+        for path in posts:
+            for body in JUNK:
+                r = app.post(path, headers=app.hdr(who), json=body)
+                assert 400 <= r.status_code < 500 or r.status_code in (200, 201), (who, path, body, r.text)
+                assert r.status_code < 500
+        for path in gets:
+            r = app.get(path, headers=app.hdr(who))
+            assert 400 <= r.status_code < 500, (who, path, r.text)
+            assert isinstance(r.json()["detail"], str)
+    # the junk bodies that were valid created nothing unexpected: no labels, no users
+    assert (app.store.count_labels(), len(app.store.list_users())) == before
+
+
+def test_admin_page_shows_progress_and_agreement(app):
+    pid = app.project.id
+    for who in ("ann1", "ann2"):
+        task = app.post(f"/api/projects/{pid}/next", headers=app.hdr(who)).json()["task"]
+        app.post("/api/labels", headers=app.hdr(who), json={"item_id": task["item_id"], "client_key": "k",
+                                                            "choice": "A"})
+    login(app, "admin", "pw-admin")
+    page = app.get("/admin")
+    assert page.status_code == 200
+    assert "ann1 / ann2" in page.text and "Krippendorff" in page.text and "percent agreement 1.0" in page.text
+    assert f"/api/projects/{pid}/export?kind=preferences" in page.text
+    export = app.get(f"/api/projects/{pid}/export?kind=preferences")  # the link works with the cookie login
+    assert export.status_code == 200 and export.headers["x-rows"] == "1"

@@ -50,6 +50,12 @@ def test_noise_free_crowd_labels_exactly(tmp_path):
     for pair in load_preferences(tmp_path / "prefs.jsonl").pairs:
         assert float(pair.chosen.split()[-1]) > float(pair.rejected.split()[-1])
         assert pair.extra["agreement"] == 1.0
+    # the next round of the loop on the same database: only the new candidates are imported and labelled
+    more = [{"prompt": "new question", "completions": ["answer 1", "answer 9"]}]
+    again = collect_preferences(CANDS + more, tmp_path / "prefs2.jsonl", score_by_number, db=out["db"], crowd=3, k=3,
+                                temperature=0.0)
+    assert again["import"]["added"] == 1 and again["simulation"]["labels"] == 3
+    assert again["rows"] == out["rows"] + 1
 
 
 def test_noise_and_bias_move_the_labels(tmp_path):
