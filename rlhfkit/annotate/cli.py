@@ -112,7 +112,7 @@ class ExportConfig:
     kind: str = "preferences"
     """preferences, ratings, edits (prompt/completion/edited) or edit_pairs (edited > original as preferences)."""
     mode: str = "majority"
-    """majority: one row per item by majority vote (mean for ratings); all: one row per vote, with annotator and time."""
+    """majority: one row per item by majority vote (mean for ratings); all: one row per vote, with annotator, time."""
     output: str = ""
     """JSONL file to write (.gz compresses)."""
     ties: bool = False

@@ -7,7 +7,7 @@ Each annotator judges with a programmatic preference: fn(prompts, completions) -
 rlhfkit.plugins signature, the same as reward functions), plus optional biases, plus Bradley-Terry noise:
 
     utility   u = score + length_bias * words(completion)         (+ position_bias for the left completion A)
-    pairwise  d' = u_A - u_B + T * Logistic(0, 1)  =>  P(A) = sigmoid((u_A - u_B) / T)   (Bradley-Terry, T = temperature)
+    pairwise  d' = u_A - u_B + T * Logistic(0, 1)  =>  P(A) = sigmoid((u_A - u_B) / T)  (Bradley-Terry, T: temperature)
               label = tie if |d'| <= tie_margin, else A or B; strength = 1 + [|d'| > 1] + [|d'| > 2]
     rating    each criterion: round(min + (max - min) * sigmoid((u + T * Logistic(0, 1)) / rating_spread))
     edit      edit_function(prompts, completions) -> list[str] if given; otherwise edit items are skipped

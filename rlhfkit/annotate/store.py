@@ -3,13 +3,14 @@
     store = Store("sqlite:///feedback.db")          # or "postgresql://user:pass@host/db"
     user, token = store.create_user(name="ann1", role="annotator", password="pw")
     item = store.next_task(user=user, project_id=1)  # leases an item for project.lease_seconds
-    label, created = store.submit_label(user=user, project=project, item=item, payload=check_label(...))
+    label, created = store.submit_label(user=user, item=item, payload=check_label(project, item["kind"], body))
 
 SQLite runs in WAL mode. With synchronous=NORMAL (the default) a committed label survives a crash or kill -9 of
 the server process (the WAL is in the OS's hands once COMMIT returns); only a power loss or kernel crash can drop
 the last commits, never corrupt the file. synchronous=FULL (setting sqlite_synchronous) fsyncs every commit to
-survive those too, at about 5 ms per write here (halving labels/s under load). Every write transaction starts with BEGIN IMMEDIATE, so concurrent writers queue on the lock instead of
-failing half-way. On PostgreSQL, handing out tasks locks the project row (SELECT ... FOR UPDATE), which keeps
+survive those too (about 5 ms per commit here; 600 labels took 11.4 s instead of 4.2 s). Every write transaction
+starts with BEGIN IMMEDIATE under an in-process lock, so concurrent writers queue instead of failing half-way.
+On PostgreSQL, handing out tasks locks the project row (SELECT ... FOR UPDATE), which keeps
 "k distinct annotators per item" exact under concurrency. A label is unique per (user, client_key) and per
 (item, user): a retried or doubled request returns the first label instead of storing a second one.
 
@@ -399,7 +400,8 @@ class Store:
             labelled = select(A.c.id).where(A.c.item_id == I.c.id, A.c.user_id == user.id, A.c.status == "done")
             want_gold = False
             if project.gold_rate > 0:
-                done = c.execute(select(func.count(), func.count(I.c.gold)).select_from(A).join(I, I.c.id == A.c.item_id)
+                done = c.execute(select(func.count(), func.count(I.c.gold)).select_from(A)
+                                 .join(I, I.c.id == A.c.item_id)
                                  .where(A.c.user_id == user.id, A.c.project_id == project_id,
                                         A.c.status == "done")).first()
                 want_gold = done[1] < project.gold_rate * (done[0] + 1)
