@@ -6,7 +6,7 @@ import json
 
 import httpx
 import pytest
-from conftest import ServerProcess, free_port
+from annotate_helpers import ServerProcess, free_port
 
 from rlhfkit.cli import run_command
 from rlhfkit.data import load_preferences

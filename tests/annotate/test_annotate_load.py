@@ -13,7 +13,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import ServerProcess, free_port
+from annotate_helpers import ServerProcess, free_port
 
 from rlhfkit.annotate.api import ensure_project, import_candidates
 from rlhfkit.annotate.simulate import CrowdSpec, SimReport, simulate

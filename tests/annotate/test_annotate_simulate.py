@@ -73,7 +73,7 @@ def test_noise_and_bias_move_the_labels(tmp_path):
 
 def test_crowd_over_http_on_postgresql(tmp_path):
     """The whole loop on the PostgreSQL server that .ci/services.sh starts (skipped with the reason if absent)."""
-    from conftest import PG_URL, pg_reason, reset_pg
+    from annotate_helpers import PG_URL, pg_reason, reset_pg
 
     reason = pg_reason()
     if reason:

@@ -6,7 +6,7 @@ import json
 import threading
 
 import pytest
-from conftest import CANDIDATES, make_project
+from annotate_helpers import CANDIDATES, make_project
 from sqlalchemy import create_engine, text
 
 from rlhfkit.annotate import store as store_mod
