@@ -243,3 +243,14 @@ def test_admin_page_shows_progress_and_agreement(app):
     assert f"/api/projects/{pid}/export?kind=preferences" in page.text
     export = app.get(f"/api/projects/{pid}/export?kind=preferences")  # the link works with the cookie login
     assert export.status_code == 200 and export.headers["x-rows"] == "1"
+
+
+def test_login_redirect_stays_on_site(app):
+    for target, expected in [("/projects/1", "/projects/1"), ("//evil.example", "/"), ("/\\evil.example", "/"),
+                             ("https://evil.example", "/")]:
+        app.cookies.clear()
+        page = app.get("/login")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+        r = app.post("/login", data={"name": "ann1", "password": "pw1", "csrf": csrf, "next": target},
+                     follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == expected

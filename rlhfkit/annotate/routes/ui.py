@@ -50,7 +50,9 @@ def _check_csrf(sent: str | None, expected: str | None) -> None:
 
 
 def _safe_next(target: str | None) -> str:
-    return target if target and target.startswith("/") and not target.startswith("//") else "/"
+    # only a path on this site: "//host" and "/\\host" would send the user elsewhere after login
+    ok = target and target.startswith("/") and not target.startswith(("//", "/\\")) and "\n" not in target
+    return target if ok else "/"
 
 
 @router.get("/login")
