@@ -106,29 +106,30 @@ def _cuda_devices(model: Any) -> list:
 def sample_next(logits: torch.Tensor, gen: GenConfig, ban: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from logits (B, V). Returns (tokens (B,), logprobs (B,)).
 
-    logprobs = log_softmax(logits / T)[token] (T = gen.temperature, or 1 for greedy) before any filtering.
+    logprobs = log softmax(logits / T)[token] (T = gen.temperature, or 1 for greedy) before any filtering.
     ban: a token id given probability 0 (EOS before gen.min_new_tokens). Sampling is by inverse CDF (one uniform
-    per row, searchsorted in the cumulative probabilities): exact, and much cheaper on CPU than multinomial."""
+    per row, searchsorted in the cumulative probabilities): exact, and far cheaper on CPU than multinomial."""
     z = logits.float()
     if gen.temperature > 0 and gen.temperature != 1.0:
         z = z / gen.temperature
-    logp = torch.log_softmax(z, dim=-1)  # (B, V)
-    if ban is not None or gen.temperature == 0 or gen.top_k or gen.top_p < 1.0:
-        z = _filter(z, gen, ban)
-        if gen.temperature == 0:
-            tokens = z.argmax(-1, keepdim=True)  # (B, 1)
-        else:
-            tokens = _inverse_cdf(torch.softmax(z, -1))
-    else:
-        tokens = _inverse_cdf(logp.exp())
+    if gen.temperature == 0:
+        tokens = (z if ban is None else _filter(z, gen, ban)).argmax(-1, keepdim=True)  # (B, 1)
+        return tokens.squeeze(-1), (z.gather(-1, tokens) - torch.logsumexp(z, -1, keepdim=True)).squeeze(-1)
+    if ban is None and not gen.top_k and gen.top_p >= 1.0:
+        probs = torch.softmax(z, -1)  # (B, V)
+        tokens = _inverse_cdf(probs)
+        return tokens.squeeze(-1), probs.gather(-1, tokens).log().squeeze(-1)
+    logp = torch.log_softmax(z, -1)  # the unfiltered distribution, which the training forward scores
+    tokens = _inverse_cdf(torch.softmax(_filter(z, gen, ban), -1))
     return tokens.squeeze(-1), logp.gather(-1, tokens).squeeze(-1)
 
 
 def _inverse_cdf(probs: torch.Tensor) -> torch.Tensor:
-    """Draw one index per row of probs (B, V) (need not sum exactly to 1): (B, 1)."""
+    """Draw one index per row of probs (B, V) (rows need not sum exactly to 1): (B, 1)."""
     cdf = probs.cumsum(-1)  # (B, V)
-    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-    # right=True: u == cdf[i] picks i + 1, so a zero-probability token (cdf flat) can never be drawn
+    # u < total strictly (the factor absorbs rounding of the product), and right=True sends u == cdf[i] to i + 1:
+    # a token whose probability is 0 (a flat step of the cdf) is never drawn
+    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * (cdf[:, -1:] * (1 - 2.0 ** -22))
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
 
 
@@ -256,7 +257,8 @@ class _Layer:
     norm1: tuple
     norm2: tuple
     wqkv: torch.Tensor
-    """(out, in): Llama [q; k; rot(q); rot(k); v] (RoPE folded in, see _rotate_rows), GPT-2 [q; k; v]."""
+    """(out, in): Llama [q; k; rot(q); rot(k); v] (RoPE folded in, see _rotate_rows), GPT-2 [q; k; v]; q rows
+    pre-multiplied by the attention scale 1/sqrt(D)."""
     bqkv: torch.Tensor | None
     wo: torch.Tensor
     bo: torch.Tensor | None
@@ -280,9 +282,12 @@ def _llama_layers(inner: Any, n_heads: int, n_kv: int) -> list[_Layer]:
         (wg, bg), (wu, bu) = _linear(mlp.gate_proj), _linear(mlp.up_proj)
         wo, bo = _linear(at.o_proj)
         w_out, b_out = _linear(mlp.down_proj)
+        s = (wq.shape[0] // n_heads) ** -0.5  # attention scale 1/sqrt(D), folded into the q rows
+        bq, bqr = (None, None) if bq is None else (bq * s, bqr * s)
         layers.append(_Layer(
             norm1=(blk.input_layernorm.weight, None), norm2=(blk.post_attention_layernorm.weight, None),
-            wqkv=torch.cat([wq, wk, wqr, wkr, wv]), bqkv=_bias([bq, bk, bqr, bkr, bv], [wq, wk, wqr, wkr, wv]),
+            wqkv=torch.cat([wq * s, wk, wqr * s, wkr, wv]),
+            bqkv=_bias([bq, bk, bqr, bkr, bv], [wq, wk, wqr, wkr, wv]),
             wo=wo, bo=bo, w_in=torch.cat([wg, wu]), b_in=_bias([bg, bu], [wg, wu]), w_out=w_out, b_out=b_out,
             act=act))
     return layers
@@ -294,6 +299,10 @@ def _gpt2_layers(inner: Any) -> list[_Layer]:
     for blk in inner.transformer.h:
         at, mlp = blk.attn, blk.mlp
         wqkv, bqkv = _linear(at.c_attn, conv1d=True)
+        n = wqkv.shape[1]  # hidden size: rows [0, n) are q
+        scale = torch.ones(wqkv.shape[0], dtype=wqkv.dtype, device=wqkv.device)
+        scale[:n] = (n // inner.config.n_head) ** -0.5  # attention scale 1/sqrt(D), folded into the q rows
+        wqkv, bqkv = wqkv * scale[:, None], None if bqkv is None else bqkv * scale
         wo, bo = _linear(at.c_proj, conv1d=True)
         w_in, b_in = _linear(mlp.c_fc, conv1d=True)
         w_out, b_out = _linear(mlp.c_proj, conv1d=True)
@@ -367,6 +376,12 @@ class FastDecoder:
         qk = torch.addcmul(qk * cos, qk_rot, sin)  # q·cos + rotate_half(q)·sin (HF apply_rotary_pos_emb)
         return qk[:, :Hq], qk[:, Hq:], qkv[:, 2 * n_qk:].unflatten(-1, (Hkv, D))
 
+    @staticmethod
+    def _residual(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """h + x @ w.T (+ b) as one addmm when there is no bias. h, x: (N, .)."""
+        out = torch.addmm(h, x, w.t())
+        return out if b is None else out.add_(b)
+
     def _mlp_block(self, ly: _Layer, h: torch.Tensor) -> torch.Tensor:
         x = F.linear(self._norm(h, *ly.norm2), ly.w_in, ly.b_in)
         if self.wpe is None:
@@ -374,7 +389,7 @@ class FastDecoder:
             x = ly.act(gate) * up
         else:
             x = ly.act(x)
-        return h + F.linear(x, ly.w_out, ly.b_out)
+        return self._residual(h, x, ly.w_out, ly.b_out)
 
     def _prefill(self, ids: torch.Tensor, pos: torch.Tensor, caches: list, mask: torch.Tensor) -> torch.Tensor:
         """The whole left-padded prompt ids (B, P) at positions pos; fills caches[:, :, :P]; last logits (B, V)."""
@@ -392,8 +407,8 @@ class FastDecoder:
             vc[:, :, :P] = v.unflatten(0, (B, P)).transpose(1, 2)
             q = q.unflatten(0, (B, P)).transpose(1, 2)  # (B, Hq, P, D)
             a = F.scaled_dot_product_attention(q, kc[:, :, :P], vc[:, :, :P], attn_mask=mask,
-                                               enable_gqa=Hq != Hkv)  # (B, Hq, P, D)
-            h = h + F.linear(a.transpose(1, 2).reshape(B * P, Hq * D), ly.wo, ly.bo)
+                                               scale=1.0, enable_gqa=Hq != Hkv)  # (B, Hq, P, D)
+            h = self._residual(h, a.transpose(1, 2).reshape(B * P, Hq * D), ly.wo, ly.bo)
             h = self._mlp_block(ly, h)
         last = self._norm(h.view(B, P, -1)[:, -1], *self.norm_f)  # (B, H)
         return F.linear(last, *self.lm_head)  # (B, V)
@@ -413,9 +428,9 @@ class FastDecoder:
             vc[:, :, t] = v
             # GQA without copies: q head j*G + g attends with kv head j (HF repeat_kv order)
             scores = torch.matmul(q.reshape(B, Hkv, Hq // Hkv, D), kc[:, :, : t + 1].transpose(-1, -2))
-            probs = torch.softmax(scores.mul_(self.scale).add_(mask), dim=-1)  # (B, Hkv, G, t+1)
+            probs = torch.softmax(scores.add_(mask), dim=-1)  # (B, Hkv, G, t+1); q carries the scale
             a = torch.matmul(probs, vc[:, :, : t + 1])  # (B, Hkv, G, D)
-            h = h + F.linear(a.view(B, Hq * D), ly.wo, ly.bo)
+            h = self._residual(h, a.view(B, Hq * D), ly.wo, ly.bo)
             h = self._mlp_block(ly, h)
         return F.linear(self._norm(h, *self.norm_f), *self.lm_head)  # (B, V)
 
@@ -439,7 +454,6 @@ class FastDecoder:
             pos_embed = (self.cos[steps_pos].unsqueeze(2), self.sin[steps_pos].unsqueeze(2))  # (T, B, 1, D)
         else:
             pos_embed = (F.embedding(steps_pos, self.wpe), None)  # (T, B, H)
-        self.scale = self.head_dim ** -0.5
         caches = [(torch.zeros(B, self.n_kv, total, self.head_dim, dtype=self.dtype, device=self.device),
                    torch.zeros(B, self.n_kv, total, self.head_dim, dtype=self.dtype, device=self.device))
                   for _ in self.layers]

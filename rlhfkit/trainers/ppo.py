@@ -71,13 +71,14 @@ class PPOTrainConfig:
 class PPOConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/ppo", log_every=1))
     model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, schedule="linear", max_grad_norm=1.0))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, schedule="linear", max_grad_norm=1.0))
     gen: GenConfig = field(default_factory=lambda: GenConfig(max_new_tokens=48, temperature=1.0, batch_size=64))
     data: PPODataConfig = field(default_factory=PPODataConfig)
     reward: S.RewardConfig = field(default_factory=S.RewardConfig)
     train: PPOTrainConfig = field(default_factory=PPOTrainConfig)
-    kl_coef: float = 0.05
-    """β: weight of the per-token KL penalty in the reward (initial value when target_kl > 0)."""
+    kl_coef: float = 0.2
+    """β: weight of the per-token KL penalty in the reward (initial value when target_kl > 0); 0.2 as
+    lm-human-preferences, for scores normalised to unit std."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     """Per-token KL estimator in the reward (k1 = log π - log π_ref, as lm-human-preferences and TRL)."""
     target_kl: float = 0.0
