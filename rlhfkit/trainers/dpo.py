@@ -7,20 +7,24 @@
 
 Data: any preference format (rlhfkit.data.formats; Anthropic HH .jsonl.gz as is, conversations). DPO has no use
 for pairs without an order: `tie` and `both_bad` pairs are skipped and counted, `margin` is not used.
-A step: the chosen and rejected completions of a micro-batch go through ONE forward pass (2n rows, left-padded so
-every completion ends in the last column, position ids from the mask), the policy's log-probs of the completion
-tokens are summed (averaged for IPO), the frozen reference's come from a no-grad pass (or from a table computed
+A step: each micro-batch of n pairs goes through ONE policy forward pass, by default as n packed rows
+[prompt, chosen, rejected] in which the rejected tokens cannot see the chosen ones (the prompt is computed once;
+train.share_prompt=false uses 2n rows prompt + chosen / prompt + rejected). Rows are left-padded with position ids
+from the mask, logits are made only for completion positions, and the policy's completion-token log-probs are
+summed (averaged for IPO). The frozen reference's come from a no-grad pass of the same layout (or a table computed
 once up front, train.precompute_ref_logprobs), and rlhfkit.core.losses.dpo_loss gives the loss and the implicit
 rewards r = β(log π(y) - log π_ref(y)). The final model is saved in `output_dir/model`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal, NamedTuple
 
 import torch
 
@@ -36,7 +40,7 @@ from rlhfkit.trainers.rm import split_pairs
 from rlhfkit.trainers.sft import _load_weights, sample_order, save_final
 
 STAT_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-             "logps/rejected")
+             "logps/rejected")  # logged per step (train) and, prefixed eval/, per evaluation
 
 
 @dataclass
@@ -78,6 +82,11 @@ class DPOTrainConfig:
     (rDPO); both of the last use train.label_smoothing as the assumed label-flip rate ε."""
     label_smoothing: float = 0.0
     """ε in [0, 0.5): probability that a label is flipped (conservative / robust only)."""
+    share_prompt: bool = True
+    """Pack each pair into one row [prompt, chosen, rejected] with an attention mask that hides chosen from rejected,
+    so the prompt is computed once, not twice (prefix sharing). Same numbers as two rows (checked on the first
+    pairs; models that ignore custom 4D attention masks fall back to two rows). Saves most with long prompts; with
+    tiny models on short texts (attention-bound) it is about even."""
     precompute_ref_logprobs: bool = False
     """Score every pair under the frozen reference once before training (then free the reference model), instead of
     a reference forward pass per step. Faster when pairs are seen more than once; also saves memory."""
@@ -154,18 +163,54 @@ def tokenize_pairs(pairs: list, tokenizer, max_length: int) -> tuple[list[tuple[
     return out, truncated
 
 
-def make_batch(items: list[tuple[list, list, list]], pad_id: int) -> tuple[torch.Tensor, ...]:
-    """One batch for n pairs: rows 0..n-1 = prompt + chosen, rows n..2n-1 = prompt + rejected.
+class PairBatch(NamedTuple):
+    """n pairs as token tensors, in one of two layouts (make_batch). Targets are the last K token columns."""
+    input_ids: torch.Tensor  # (rows, L)
+    attention_mask: torch.Tensor  # (rows, L), or (n, 1, L, L) bool (True = may attend) when packed
+    position_ids: torch.Tensor  # (rows, L)
+    chosen_mask: torch.Tensor  # (rows, K) True where target column L-K+k is a chosen token
+    rejected_mask: torch.Tensor  # (rows, K) likewise for rejected tokens (packed: all but the first)
+    first_rejected: torch.Tensor | None  # packed: (n, 2) = [k of the prompt's last token, rejected[0] id]
+    lengths: torch.Tensor  # (n, 2) chosen and rejected lengths in tokens
 
-    Left padding to the batch's longest row, so every completion ends in the last column and the logits of the
-    last K+1 columns (K = longest completion) cover every completion token. Returns input_ids, attention_mask,
-    position_ids (2n, L) and completion_mask (2n, K): True where target column L-K+k is a completion token."""
-    seqs = [p + c for p, c, _ in items] + [p + r for p, _, r in items]
-    lengths = torch.tensor([len(c) for _, c, _ in items] + [len(r) for _, _, r in items])  # (2n,)
-    ids, attn = pad_sequences(seqs, pad_id, side="left")  # (2n, L)
-    K = int(lengths.max())
-    completion_mask = torch.arange(K) >= (K - lengths).unsqueeze(1)  # (2n, K)
-    return ids, attn, position_ids_from_mask(attn), completion_mask
+    def to(self, device) -> "PairBatch":
+        return PairBatch(*(None if x is None else x.to(device) for x in self))
+
+
+def make_batch(items: list[tuple[list, list, list]], pad_id: int, packed: bool, device="cpu") -> PairBatch:
+    """Left-pad n pairs so every row ends in the last column; the logits of the last K+1 columns then cover every
+    completion token, K = longest completion(s) of a row.
+
+    packed=False: 2n rows, prompt + chosen (rows 0..n-1) then prompt + rejected (rows n..2n-1).
+    packed=True (prefix sharing, Wang et al. 2024, arXiv:2410.20305): n rows [prompt, chosen, rejected]; the
+    rejected tokens may not attend to the chosen ones and their positions restart after the prompt, so each
+    completion sees exactly prompt + itself, while the prompt is computed once instead of twice. The first rejected
+    token is predicted from the prompt's last position (first_rejected)."""
+    P, C, R = (torch.tensor([len(x[j]) for x in items]).unsqueeze(1) for j in range(3))  # (n, 1) each
+    lengths = torch.cat([C, R], dim=1)  # (n, 2)
+    if not packed:
+        ids, attn = pad_sequences([p + c for p, c, _ in items] + [p + r for p, _, r in items], pad_id, side="left")
+        K = int(lengths.max())
+        k = torch.arange(K).unsqueeze(0)  # (1, K)
+        n = len(items)
+        completion = k >= K - torch.cat([C, R])  # (2n, K)
+        is_chosen = (torch.arange(2 * n) < n).unsqueeze(1)  # (2n, 1)
+        return PairBatch(ids, attn, position_ids_from_mask(attn), completion & is_chosen, completion & ~is_chosen,
+                         None, lengths).to(device)
+    ids, _ = pad_sequences([p + c + r for p, c, r in items], pad_id, side="left")  # (n, L)
+    L = ids.shape[1]
+    col = torch.arange(L).unsqueeze(0)  # (1, L)
+    start = L - P - C - R  # (n, 1) first real column
+    segment = (col >= start).long() + (col >= L - R - C).long() + (col >= L - R).long()  # 0 pad 1 prompt 2 ch 3 rej
+    position_ids = torch.where(segment == 3, col - start - C, col - start).clamp(min=0)  # (n, L)
+    query, key = segment.unsqueeze(2), segment.unsqueeze(1)  # (n, L, 1), (n, 1, L)
+    allowed = torch.ones(L, L, dtype=torch.bool).tril() & (key > 0) & ~((query == 3) & (key == 2))  # (n, L, L)
+    allowed |= torch.eye(L, dtype=torch.bool)  # pad rows attend to themselves: no all-masked softmax rows
+    K = int((C + R).max())
+    k = torch.arange(K).unsqueeze(0)  # (1, K)
+    first = torch.cat([K - R - C, torch.tensor([r[0] for _, _, r in items]).unsqueeze(1)], dim=1)  # (n, 2)
+    return PairBatch(ids, allowed.unsqueeze(1), position_ids, (k >= K - R - C) & (k < K - R), k > K - R, first,
+                     lengths).to(device)
 
 
 def _keeps_logits(model) -> bool:
@@ -174,82 +219,94 @@ def _keeps_logits(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def completion_logps(model, batch: tuple[torch.Tensor, ...], average: bool, keep_logits: bool) -> torch.Tensor:
-    """(2n,) log π(completion | prompt): sum of token log-probs over completion tokens (mean if average, for IPO).
+def pair_logps(model, batch: PairBatch, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) log π(completion | prompt), each (n,): sums of completion-token log-probs (means for IPO).
 
     The lm head runs on the last K+1 positions only (logits_to_keep), and gather_logprobs never builds the full
-    (2n, K, V) log-softmax. Naive equivalent (tested): log_softmax(model(ids).logits[:, :-1]).gather(ids[:, 1:])
-    summed over the completion tokens of each row."""
-    ids, attn, pos, completion_mask = batch
-    K = completion_mask.shape[1]
-    kwargs = {"logits_to_keep": K + 1} if keep_logits else {}
+    log-softmax. Naive equivalent (tested): for each pair and side separately,
+    log_softmax(model(prompt + completion).logits[:-1]).gather(next tokens) summed over the completion."""
+    ids, attn, pos, chosen_mask, rejected_mask, first, lengths = batch
+    K = chosen_mask.shape[1]
+    if attn.dim() == 4:  # additive float mask: works for the eager and sdpa attention of transformers
+        dtype = model.get_input_embeddings().weight.dtype
+        attn = torch.zeros(attn.shape, dtype=dtype, device=attn.device).masked_fill_(~attn, torch.finfo(dtype).min)
+    kwargs = {"logits_to_keep": K + 1} if _keeps_logits(model) else {}
     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, **kwargs).logits
-    logits = logits[:, -(K + 1):-1]  # (2n, K, V): column L-K-1+k predicts target column L-K+k
-    logps = gather_logprobs(logits, ids[:, -K:])  # (2n, K)
-    total = masked_sum(logps, completion_mask, dim=-1)  # (2n,)
-    return total / completion_mask.sum(-1) if average else total
+    logits = logits[:, -(K + 1):-1]  # (rows, K, V): column L-K-1+k predicts target column L-K+k
+    token_logps = gather_logprobs(logits, ids[:, -K:])  # (rows, K)
+    chosen, rejected = masked_sum(token_logps, chosen_mask, dim=-1), masked_sum(token_logps, rejected_mask, dim=-1)
+    if first is None:
+        n = ids.shape[0] // 2
+        chosen, rejected = chosen[:n], rejected[n:]
+    else:
+        at_prompt_end = logits[torch.arange(ids.shape[0], device=ids.device), first[:, 0]]  # (n, V)
+        rejected = rejected + gather_logprobs(at_prompt_end.unsqueeze(1), first[:, 1:]).squeeze(1)
+    if average:
+        return chosen / lengths[:, 0], rejected / lengths[:, 1]
+    return chosen, rejected
+
+
+def packing_works(model, items: list, pad_id: int, device) -> bool:
+    """Whether the packed layout scores like the two-row one for this model (it needs custom 4D attention masks)."""
+    try:
+        with torch.no_grad():
+            a = torch.cat(pair_logps(model, make_batch(items, pad_id, True, device), False))
+            b = torch.cat(pair_logps(model, make_batch(items, pad_id, False, device), False))
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    tol = 1e-4 if model.get_input_embeddings().weight.dtype == torch.float32 else 2e-2
+    return bool(torch.allclose(a, b, rtol=tol, atol=tol * 10))
 
 
 class Reference:
     """π_ref log-probs: from a table computed up front, a frozen model, or the LoRA policy with its adapter off."""
 
-    def __init__(self, model, adapter_off: bool, average: bool, keep_logits: bool):
-        self.model, self.adapter_off, self.average, self.keep_logits = model, adapter_off, average, keep_logits
+    def __init__(self, model, adapter_off: bool, average: bool):
+        self.model, self.adapter_off, self.average = model, adapter_off, average
         self.table: dict[str, torch.Tensor] = {}
 
     @torch.inference_mode()
-    def score(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def score(self, batch: PairBatch) -> torch.Tensor:
+        """(n, 2) reference log-probs of (chosen, rejected)."""
         # dropout is off in every model we load, so the policy's train mode gives the same function as eval
-        if self.adapter_off:
-            with self.model.disable_adapter():
-                out = completion_logps(self.model, batch, self.average, self.keep_logits)
-        else:
-            out = completion_logps(self.model, batch, self.average, self.keep_logits)
-        return out.clone()
+        with self.model.disable_adapter() if self.adapter_off else contextlib.nullcontext():
+            chosen, rejected = pair_logps(self.model, batch, self.average)
+        return torch.stack([chosen, rejected], dim=1).clone()  # clone: a normal tensor, usable under autograd
 
-    def precompute(self, name: str, data: list, pad_id: int, micro: int, device) -> None:
-        """Store (chosen, rejected) log-probs of every pair of `data` as table[name] (N, 2), on `device`."""
-        rows = []
-        for i in range(0, len(data), micro):
-            chunk = data[i: i + micro]
-            logps = self.score(tuple(t.to(device) for t in make_batch(chunk, pad_id)))  # (2n,)
-            rows.append(torch.stack([logps[: len(chunk)], logps[len(chunk):]], dim=1))  # (n, 2)
-        self.table[name] = torch.cat(rows) if rows else torch.zeros(0, 2, device=device)
+    def precompute(self, name: str, data: list, batcher: Callable[[list], PairBatch], size: int) -> None:
+        """Score every pair of `data` once: table[name] (N, 2)."""
+        chunks = [self.score(batcher(data[i: i + size])) for i in range(0, len(data), size)]
+        self.table[name] = torch.cat(chunks) if chunks else torch.zeros(0, 2)
 
-    def lookup(self, name: str, index: list[int], batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def lookup(self, name: str, index: list[int], batch: PairBatch) -> torch.Tensor:
         if name in self.table:
-            pick = self.table[name][torch.as_tensor(index, device=self.table[name].device)]  # (n, 2)
-            return torch.cat([pick[:, 0], pick[:, 1]])  # (2n,) chosen then rejected, like make_batch
+            return self.table[name][torch.as_tensor(index, device=self.table[name].device)]  # (n, 2)
         return self.score(batch)
 
 
-def pair_loss(model, ref: Reference, name: str, index: list[int], data: list, cfg: DPOTrainConfig, pad_id: int,
-              device, keep_logits: bool):
-    """DPO loss (mean over the pairs in `index`) and its stats, via one forward over chosen + rejected."""
-    batch = tuple(t.to(device) for t in make_batch([data[i] for i in index], pad_id))
-    n = len(index)
-    policy = completion_logps(model, batch, cfg.loss_type == "ipo", keep_logits)  # (2n,)
-    reference = ref.lookup(name, index, batch)  # (2n,)
-    loss, stats = dpo_loss(policy_chosen_logps=policy[:n], policy_rejected_logps=policy[n:],
-                           ref_chosen_logps=reference[:n], ref_rejected_logps=reference[n:], beta=cfg.beta,
+def pair_loss(model, ref: Reference, name: str, index: list[int], data: list, batcher: Callable[[list], PairBatch],
+              cfg: DPOTrainConfig) -> tuple[torch.Tensor, dict]:
+    """DPO loss (mean over the pairs data[index]) and its stats, from one policy forward over chosen + rejected."""
+    batch = batcher([data[i] for i in index])
+    chosen, rejected = pair_logps(model, batch, cfg.loss_type == "ipo")  # (n,) each
+    reference = ref.lookup(name, index, batch)  # (n, 2)
+    loss, stats = dpo_loss(policy_chosen_logps=chosen, policy_rejected_logps=rejected,
+                           ref_chosen_logps=reference[:, 0], ref_rejected_logps=reference[:, 1], beta=cfg.beta,
                            loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
-    stats["logps/chosen"], stats["logps/rejected"] = policy[:n].detach().mean(), policy[n:].detach().mean()
+    stats["logps/chosen"], stats["logps/rejected"] = chosen.detach().mean(), rejected.detach().mean()
     return loss, stats
 
 
 @torch.no_grad()
-def evaluate(model, ref: Reference, data: list, cfg: DPOTrainConfig, pad_id: int, device, keep_logits: bool) -> dict:
+def evaluate(model, ref: Reference, data: list, batcher: Callable[[list], PairBatch], cfg: DPOTrainConfig) -> dict:
     """Mean loss and implicit-reward stats over the held-out pairs; eval/rewards/accuracies is the held-out
     preference accuracy: the share of pairs with r(chosen) > r(rejected)."""
-    was_training = model.training
-    model.eval()
     sums: dict[str, float] = {}
     for i in range(0, len(data), cfg.eval_batch_size):
         index = list(range(i, min(len(data), i + cfg.eval_batch_size)))
-        loss, stats = pair_loss(model, ref, "eval", index, data, cfg, pad_id, device, keep_logits)
+        loss, stats = pair_loss(model, ref, "eval", index, data, batcher, cfg)
         for key, value in {"loss": loss, **stats}.items():
             sums[key] = sums.get(key, 0.0) + float(value) * len(index)
-    model.train(was_training)
     return {("loss/eval" if k == "loss" else f"eval/{k}"): v / len(data) for k, v in sums.items()}
 
 
@@ -263,17 +320,18 @@ def main(cfg: DPOConfig, argv: list[str] | None = None) -> dict:
     pad_id, t = tokenizer.pad_token_id, cfg.train
 
     model = M.apply_lora(M.load_causal_lm(cfg.model, device), cfg.model)
-    keep_logits = _keeps_logits(model)
     adapter_off = cfg.model.lora_r > 0 and not cfg.model.reference
     if adapter_off:
         ref_model = model
     else:  # a frozen copy: a fresh load of the starting weights (or model.reference), also on --resume
         ref_model = M.load_causal_lm(cfg.model, device, name=cfg.model.reference or None).requires_grad_(False)
         ref_model.eval()
-    ref = Reference(ref_model, adapter_off, t.loss_type == "ipo", keep_logits)
+    packed = t.share_prompt and all(packing_works(m, train_data[:4], pad_id, device) for m in {model, ref_model})
+    batcher = functools.partial(make_batch, pad_id=pad_id, packed=packed, device=device)  # items -> PairBatch
+    ref = Reference(ref_model, adapter_off, t.loss_type == "ipo")
     if t.precompute_ref_logprobs:
-        ref.precompute("train", train_data, pad_id, t.eval_batch_size, device)
-        ref.precompute("eval", eval_data, pad_id, t.eval_batch_size, device)
+        ref.precompute("train", train_data, batcher, t.eval_batch_size)
+        ref.precompute("eval", eval_data, batcher, t.eval_batch_size)
         if not adapter_off:
             ref.model = ref_model = None  # the table replaces the frozen copy
 
@@ -295,7 +353,8 @@ def main(cfg: DPOConfig, argv: list[str] | None = None) -> dict:
     print(f"dpo: {len(train_data)} train / {len(eval_data)} eval pairs ({truncated} truncated; skipped "
           f"{counts['skipped_ties']} ties, {counts['skipped_both_bad']} both-bad), reference "
           f"{'table' if t.precompute_ref_logprobs else 'adapter off' if adapter_off else 'model'}, "
-          f"{M.count_parameters(model, True):,} trainable parameters, device {device}", flush=True)
+          f"{'packed' if packed else 'two'} rows per pair, {M.count_parameters(model, True):,} trainable parameters, "
+          f"device {device}", flush=True)
 
     B, micro = t.batch_size, t.micro_batch_size
     end_step = t.steps if not cfg.run.stop_after_steps else min(t.steps, start_step + cfg.run.stop_after_steps)
@@ -315,8 +374,7 @@ def main(cfg: DPOConfig, argv: list[str] | None = None) -> dict:
         index = [sample_index(k) for k in range(step * B, (step + 1) * B)]  # resumable from the step alone
         sums = dict.fromkeys(("loss/train",) + STAT_KEYS, 0.0)
         for i in range(0, B, micro):
-            loss, stats = pair_loss(model, ref, "train", index[i: i + micro], train_data, t, pad_id, device,
-                                    keep_logits)
+            loss, stats = pair_loss(model, ref, "train", index[i: i + micro], train_data, batcher, t)
             (loss * (micro / B)).backward()  # micro-batch means weighted micro/B sum to the full-batch mean
             for key, value in {"loss/train": loss.detach(), **stats}.items():
                 sums[key] += float(value) * micro / B
@@ -330,7 +388,7 @@ def main(cfg: DPOConfig, argv: list[str] | None = None) -> dict:
                         pairs_s=f"{speed:.1f}")
         last = {**sums, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "time/pairs_per_s": speed}
         if eval_data and ((cfg.run.eval_every and done % cfg.run.eval_every == 0) or done == t.steps):
-            last.update(evaluate(model, ref, eval_data, t, pad_id, device, keep_logits))
+            last.update(evaluate(model, ref, eval_data, batcher, t))
         if done % max(1, cfg.run.log_every) == 0 or done == end_step or "loss/eval" in last:
             logger.log(done, last)
         if (cfg.run.save_every and done % cfg.run.save_every == 0) or (done == end_step and done < t.steps):

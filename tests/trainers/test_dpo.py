@@ -4,6 +4,7 @@ resume, ties skipped, held-out preference accuracy improves on bundled pairs, CL
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -16,8 +17,8 @@ from rlhfkit import train_utils as U
 from rlhfkit.config import load_config
 from rlhfkit.data import load_preferences
 from rlhfkit.errors import UserError
-from rlhfkit.trainers.dpo import (DPOConfig, Reference, completion_logps, main, make_batch, pair_loss,
-                                  tokenize_pairs)
+from rlhfkit.trainers.dpo import (DPOConfig, Reference, main, make_batch, packing_works, pair_logps,
+                                  pair_loss, tokenize_pairs)
 
 TRAIN = "bundled:tinystories_fluency_pairs.jsonl.gz"
 EVAL = "bundled:tinystories_fluency_pairs_eval.jsonl.gz"
@@ -63,40 +64,63 @@ def test_first_step_loss_is_log2_when_policy_equals_reference(tmp_path, loss_typ
     assert (tmp_path / "model" / "config.json").exists() and (tmp_path / "config.yaml").exists()
 
 
-def test_padded_batch_logps_equal_each_sequence_alone(pairs, tiny_gpt2_dir):
-    # left padding must not shift positions (PITFALLS 1): GPT-2's learned position embeddings would change the
-    # logits, Llama's RoPE would not (relative) - check both; the naive log_softmax over the whole sequence is
-    # the reference computation.
+@pytest.mark.parametrize("packed", [False, True])
+def test_batched_logps_equal_each_sequence_alone(tiny_gpt2_dir, packed):
+    # Left padding must not shift positions (PITFALLS 1): GPT-2's learned position embeddings would change the
+    # logits, Llama's RoPE (relative) would not - check both. Packed rows [prompt, chosen, rejected] must give each
+    # completion exactly the context prompt + itself. The reference computation is the naive log_softmax over one
+    # unpadded prompt + completion at a time.
     for name in ("stories260k", str(tiny_gpt2_dir)):
         cfg = load_config(DPOConfig, None, [f"data.train={TRAIN}", f"model.name={name}"])
         model, tk = M.load_causal_lm(cfg.model, torch.device("cpu")), M.load_tokenizer(name)
         data, _ = tokenize_pairs(load_preferences(TRAIN).pairs[:4], tk, 512)
+        data[1] = (data[1][0][:3], data[1][1], data[1][2][:2])  # uneven prompt and completion lengths
         with torch.no_grad():
-            batched = completion_logps(model, make_batch(data, tk.pad_token_id), average=False, keep_logits=True)
-            alone = []
-            for side in (1, 2):  # chosen rows first, then rejected rows
-                for p, *completions in data:
-                    ids = torch.tensor([p + completions[side - 1]])
+            chosen, rejected = pair_logps(model, make_batch(data, tk.pad_token_id, packed), average=False)
+            alone = {1: [], 2: []}
+            for side in (1, 2):
+                for pair in data:
+                    ids = torch.tensor([pair[0] + pair[side]])
                     logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)  # (L-1, V)
-                    token_logps = logp.gather(-1, ids[0, 1:, None]).squeeze(-1)[len(p) - 1:]  # completion tokens
-                    alone.append(token_logps.sum())
-        torch.testing.assert_close(batched, torch.stack(alone), rtol=1e-5, atol=1e-4)
-        # logits_to_keep off (models without it) gives the same numbers
-        with torch.no_grad():
-            full = completion_logps(model, make_batch(data, tk.pad_token_id), average=False, keep_logits=False)
-        torch.testing.assert_close(full, batched, rtol=1e-5, atol=1e-5)
+                    token_logps = logp.gather(-1, ids[0, 1:, None]).squeeze(-1)[len(pair[0]) - 1:]  # completion
+                    alone[side].append(token_logps.sum())
+            averaged = pair_logps(model, make_batch(data, tk.pad_token_id, packed), average=True)
+        torch.testing.assert_close(chosen, torch.stack(alone[1]), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(rejected, torch.stack(alone[2]), rtol=1e-5, atol=1e-4)
+        lengths = torch.tensor([[len(c), len(r)] for _, c, r in data], dtype=torch.float32)
+        torch.testing.assert_close(averaged[1], rejected / lengths[:, 1])  # IPO: mean over completion tokens
+
+
+def test_packing_check_rejects_a_model_that_ignores_the_attention_mask(pairs):
+    cfg, model = fresh()
+    assert packing_works(model, pairs[:4], 0, "cpu")
+
+    class DropsMask(torch.nn.Module):  # e.g. remote code that ignores custom 4D masks
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def get_input_embeddings(self):
+            return model.get_input_embeddings()
+
+        def forward(self, input_ids, attention_mask, position_ids, **kwargs):
+            mask = attention_mask if attention_mask.dim() == 2 else None
+            return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
+
+    assert not packing_works(DropsMask(), pairs[:4], 0, "cpu")
 
 
 def test_trainer_forward_gives_log2_for_separate_reference_and_lora(pairs):
-    cfg, policy = fresh()
-    ref = Reference(M.load_causal_lm(cfg.model, torch.device("cpu")), False, False, True)
-    loss, stats = pair_loss(policy, ref, "train", [0, 1, 2, 3], pairs, cfg.train, 0, "cpu", True)
-    assert loss.item() == pytest.approx(LOG2, abs=1e-6) and stats["rewards/margins"].item() == 0
-    # LoRA: B is initialised to zero, so the adapted policy equals its adapter-off reference at the start
-    cfg, lora = fresh(["model.lora_r=4"])
-    loss, _ = pair_loss(lora, Reference(lora, True, False, True), "train", [0, 1, 2, 3], pairs, cfg.train, 0,
-                        "cpu", True)
-    assert loss.item() == pytest.approx(LOG2, abs=1e-6)
+    for packed in (False, True):
+        cfg, policy = fresh()
+        batcher = functools.partial(make_batch, pad_id=0, packed=packed)
+        ref = Reference(M.load_causal_lm(cfg.model, torch.device("cpu")), False, False)
+        loss, stats = pair_loss(policy, ref, "train", [0, 1, 2, 3], pairs, batcher, cfg.train)
+        assert loss.item() == pytest.approx(LOG2, abs=1e-6) and stats["rewards/margins"].item() == 0
+        # LoRA: B is initialised to zero, so the adapted policy equals its adapter-off reference at the start
+        cfg, lora = fresh(["model.lora_r=4"])
+        loss, _ = pair_loss(lora, Reference(lora, True, False), "train", [0, 1, 2, 3], pairs, batcher, cfg.train)
+        assert loss.item() == pytest.approx(LOG2, abs=1e-6)
 
 
 def test_lora_adapter_off_reference_equals_base_model(pairs):
@@ -107,18 +131,19 @@ def test_lora_adapter_off_reference_equals_base_model(pairs):
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # a trained adapter: the policy now differs from the base
     base = M.load_causal_lm(cfg.model, torch.device("cpu"))
-    batch = make_batch(pairs, 0)
+    batch = make_batch(pairs, 0, packed=True)
     with torch.no_grad():
-        base_logps = completion_logps(base, batch, average=False, keep_logits=True)
-        policy_logps = completion_logps(lora, batch, average=False, keep_logits=True)
-    ref_logps = Reference(lora, True, False, True).score(batch)
+        base_logps = torch.stack(pair_logps(base, batch, average=False), dim=1)  # (n, 2)
+        policy_logps = torch.stack(pair_logps(lora, batch, average=False), dim=1)
+    ref_logps = Reference(lora, True, False).score(batch)
     torch.testing.assert_close(ref_logps, base_logps, rtol=0, atol=1e-5)
-    assert (policy_logps - base_logps).abs().max() > 1e-2  # the adapter is on outside the reference pass
+    assert (policy_logps - base_logps).abs().max() > 1e-2  # the adapter is back on after the reference pass
 
 
-def test_precomputed_reference_gives_the_same_losses(tmp_path):
+@pytest.mark.parametrize("variant", ["train.precompute_ref_logprobs=true", "train.share_prompt=false"])
+def test_precomputed_reference_and_two_row_layout_give_the_same_losses(tmp_path, variant):
     _, a = dpo(tmp_path / "live", "train.steps=3")
-    _, b = dpo(tmp_path / "table", "train.steps=3", "train.precompute_ref_logprobs=true")
+    _, b = dpo(tmp_path / "table", "train.steps=3", variant)
     for ra, rb in zip(rows(tmp_path / "live"), rows(tmp_path / "table")):
         # not rewards/accuracies: at step 1 the rewards are exactly 0 live but ±1e-7 from the table (its batches
         # are padded differently), and the strict r_chosen > r_rejected flips on such float noise
@@ -193,10 +218,17 @@ def test_bad_config_is_a_user_error(override, message):
         load_config(DPOConfig, None, [f"data.train={TRAIN}", override])
 
 
+def test_bad_data_is_a_user_error(tmp_path, jsonl):
+    with pytest.raises(UserError, match="missing.jsonl: file not found"):
+        dpo(tmp_path, f"data.train={tmp_path / 'missing.jsonl'}")
+    bad = jsonl([{"prompt": "a", "chosen": " b", "rejected": " c"}, {"prompt": "a", "chosen": 3, "rejected": " c"}])
+    with pytest.raises(UserError, match=r":2: field 'chosen'"):
+        dpo(tmp_path, f"data.train={bad}")
+
+
 def test_cli_bad_input_exits_2_with_one_line(cli, tmp_path, jsonl):
     bad = jsonl([{"prompt": "a", "chosen": " b", "rejected": " c"}, {"prompt": "a", "chosen": 3, "rejected": " c"}])
-    for args in ([f"data.train={tmp_path / 'missing.jsonl'}"], [f"data.train={bad}"],
-                 [f"data.train={TRAIN}", "train.loss_type=ipo", "train.label_smoothing=0.2"]):
-        proc = cli("dpo", f"run.output_dir={tmp_path / 'out'}", *args)
-        assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    proc = cli("dpo", f"run.output_dir={tmp_path / 'out'}", f"data.train={bad}", "train.loss_type=ipo")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert ":2: field 'chosen'" in proc.stderr
