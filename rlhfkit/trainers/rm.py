@@ -166,6 +166,8 @@ class RMEvalConfig:
     """JSON file for the metrics; the plots are written next to it (OUTPUT_STEM_*.png)."""
     device: str = "auto"
     """cpu, cuda, cuda:N, mps or auto."""
+    threads: int = 0
+    """torch CPU threads; 0 keeps torch's default (1 can be much faster on a CPU shared with other jobs)."""
     batch_size: int = 32
     """Sequences per forward pass."""
     plots: bool = True
@@ -193,6 +195,8 @@ class RMScoreConfig:
     """Output JSONL: every input record with the score field(s) added."""
     device: str = "auto"
     """cpu, cuda, cuda:N, mps or auto."""
+    threads: int = 0
+    """torch CPU threads; 0 keeps torch's default (1 can be much faster on a CPU shared with other jobs)."""
     batch_size: int = 32
     """Sequences per forward pass."""
     progress: bool = True
@@ -494,6 +498,7 @@ def choose_l2(diff: np.ndarray, target: np.ndarray, margin: np.ndarray, grid: li
 def evaluate(cfg: RMEvalConfig, argv: list[str] | None = None) -> dict:
     from rlhfkit.reward import load_reward_model
 
+    _set_threads(cfg.threads)
     rm = load_reward_model(cfg.model.path, device=cfg.device, cache=True)
     rm.batch_size = cfg.batch_size
     data = load_preferences(cfg.data.eval)
@@ -512,6 +517,7 @@ def score(cfg: RMScoreConfig, argv: list[str] | None = None) -> dict:
 
     recs = read_records(cfg.input)
     parsed = _scoring_records(cfg.input)
+    _set_threads(cfg.threads)
     rm = load_reward_model(cfg.model.path, device=cfg.device)
     rm.batch_size = cfg.batch_size
     prompts = [p for p, cs, _ in parsed for _ in cs]
@@ -529,6 +535,15 @@ def score(cfg: RMScoreConfig, argv: list[str] | None = None) -> dict:
     n = write_jsonl(cfg.output, rows)
     print(f"rm score: {len(scores)} completions in {n} records scored (mean {np.mean(scores):.4f}) -> {cfg.output}")
     return {"records": n, "completions": len(scores), "mean_score": float(np.mean(scores))}
+
+
+def _set_threads(n: int) -> None:
+    if n < 0:
+        raise UserError(f"threads: must be >= 0, got {n}")
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
 
 
 def main(cfg: Any, argv: list[str] | None = None) -> dict:

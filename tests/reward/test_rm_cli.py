@@ -153,3 +153,21 @@ def test_bad_input_through_a_real_subprocess(tmp_path, cli):
     result = cli("rm", "train", "model.kind=linear", "data.train=/nonexistent.jsonl", f"run.output_dir={tmp_path}/o")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["error: /nonexistent.jsonl: file not found"]
+
+
+def test_ratings_only_linear_least_squares(tmp_path):
+    good = [{"prompt": "Q: ", "completion": r["chosen"], "score": 4.0} for r in word_pairs(40, seed=10)]
+    bad = [{"prompt": "Q: ", "completion": "Sorry, I can't. " + r["rejected"], "score": 1.0}
+           for r in word_pairs(40, seed=11)]
+    data = _jsonl(tmp_path / "ratings.jsonl", good + bad)
+    out = tmp_path / "run"
+    assert run("rm", "train", "model.kind=linear", "model.features=handcrafted", f"data.train={data}",
+               f"run.output_dir={out}", "run.progress=false", "train.l2=0.01",
+               f"train.cache_dir={tmp_path / 'cache'}") == 0
+    meta = json.loads((out / "model" / "reward_model.json").read_text())
+    assert meta["training"]["solver"] == "least_squares" and meta["data"]["ratings"] == 80
+    from rlhfkit.reward import load_reward_model
+
+    rm = load_reward_model(out)
+    s = rm.score(["Q: ", "Q: "], ["the cat sat on a mat", "Sorry, I can't. the cat sat on a mat"])
+    assert s[0] > s[1] + 1.0
