@@ -3,11 +3,15 @@
     nice -n 10 python bench/bench_rollout.py                      # both models, 2 threads, batch 8, 32 new tokens
     nice -n 10 python bench/bench_rollout.py --models gpt2 --reps 9
 
-Models: the bundled stories260k (Llama, 5 layers, d=64) and a randomly initialised 4-layer GPT-2 (n_embd 256,
-4 heads) with the GPT-2 tokenizer vocabulary (50,257 ids) from ../shared/data/cs336-fixtures, fp32.
+Models: the bundled stories260k (Llama, 5 layers, d=64, vocab 512) and a randomly initialised 4-layer GPT-2
+(n_embd 256, 4 heads, fp32) with a 4096-token byte-level BPE trained here on the bundled TinyStories (`gpt2`) or
+with the GPT-2 vocabulary of 50,257 tokens from ../shared/data/cs336-fixtures (`gpt2-50k`). With the latter the
+LM head is a 51 MB fp32 matrix, larger than this machine's 32 MB L3 cache, read once per generated token by both
+backends; the script prints that matrix product's own time as the floor no decoder loop can go below.
 Prompts: TinyStories text cut to 16-32 tokens (seeded), left-padded; exactly --new-tokens new tokens per row
 (min_new_tokens = max_new_tokens, so EOS never ends a row early), temperature 1, no top-k/top-p.
-Timing: each backend runs --warmup times, then A B A B ... --reps times each; the medians are reported.
+Timing: each backend runs --warmup times, then A B A B ... --reps times each; the medians are reported, as
+tokens per wall-clock second and, less sensitive to other jobs on a shared machine, as the ratio of CPU seconds.
 A = HF `model.generate(...)` called directly (the baseline a user would write); B = `rlhfkit.rollout.sample` with
 gen.backend=fast, end to end (padding, decoder set-up, sampling log-probs, conversion to lists).
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import random
 import statistics
 import sys
@@ -56,16 +61,30 @@ def load_stories260k():
     return model.eval(), tok
 
 
-def load_gpt2():
+def gpt2_tokenizer(vocab: str):
+    """`bpe4096`: a 4096-token byte-level BPE trained here on the bundled TinyStories (a few seconds);
+    `gpt2`: the GPT-2 vocabulary (50,257 tokens) from ../shared/data/cs336-fixtures."""
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    if not (FIXTURES / "gpt2_vocab.json").exists():
-        raise SystemExit(f"missing {FIXTURES}/gpt2_vocab.json (shared data) for the GPT-2 tokenizer")
-    # GPT2TokenizerFast(vocab_file=..., merges_file=...) loads an empty vocabulary in transformers 5; this works:
-    bpe = ByteLevelBPETokenizer(str(FIXTURES / "gpt2_vocab.json"), str(FIXTURES / "gpt2_merges.txt"))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                  model_max_length=10**6)
+    if vocab == "gpt2":
+        if not (FIXTURES / "gpt2_vocab.json").exists():
+            raise SystemExit(f"missing {FIXTURES}/gpt2_vocab.json (shared data) for the GPT-2 tokenizer")
+        # GPT2TokenizerFast(vocab_file=..., merges_file=...) loads an empty vocabulary in transformers 5; this works:
+        bpe = ByteLevelBPETokenizer(str(FIXTURES / "gpt2_vocab.json"), str(FIXTURES / "gpt2_merges.txt"))
+    else:
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(stories_texts(20000), vocab_size=4096, min_frequency=2,
+                                special_tokens=["<|endoftext|>"], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   model_max_length=10**6)
+
+
+def load_gpt2(vocab: str = "bpe4096"):
+    """Random-init GPT-2: 4 layers, n_embd 256, 4 heads, fp32."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = gpt2_tokenizer(vocab)
     torch.manual_seed(0)
     config = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=len(tok), n_positions=256,
                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
@@ -103,24 +122,40 @@ def bench_model(name: str, model, tok, args) -> dict:
         for _ in range(args.warmup):
             for fn in runs.values():
                 fn()
-        times: dict[str, list[float]] = {k: [] for k in runs}
+        wall: dict[str, list[float]] = {k: [] for k in runs}
+        cpu: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(args.reps):
             for key, fn in runs.items():  # A B A B: both see the same machine load
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
-                times[key].append(time.perf_counter() - t0)
+                wall[key].append(time.perf_counter() - t0)
+                cpu[key].append(time.process_time() - c0)
     tokens = args.batch * args.new_tokens
-    res = {k: tokens / statistics.median(v) for k, v in times.items()}
+    res = {k: tokens / statistics.median(v) for k, v in wall.items()}
     res["ratio"] = res["fast"] / res["hf"]
+    # CPU seconds of this process (all its threads): less sensitive than wall time to other jobs on the machine
+    res["cpu_ratio"] = statistics.median(cpu["hf"]) / statistics.median(cpu["fast"])
     lengths = [len(p) for p in prompts]
+    head = model.get_output_embeddings().weight  # (V, H)
+    x = torch.randn(args.batch, head.shape[1])
+    with torch.inference_mode():
+        floor = []
+        for _ in range(args.reps * 4):
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(x, head)
+            floor.append(time.perf_counter() - t0)
+    res["lm_head_ms_per_step"] = statistics.median(floor) * 1e3
     print(f"{name:<12} prompts {min(lengths)}-{max(lengths)} tok | HF generate {res['hf']:8.0f} tok/s | "
-          f"fast {res['fast']:8.0f} tok/s | ratio {res['ratio']:.2f}x  (medians of {args.reps})", flush=True)
+          f"fast {res['fast']:8.0f} tok/s | ratio {res['ratio']:.2f}x (wall) {res['cpu_ratio']:.2f}x (CPU time)  "
+          f"[medians of {args.reps}]; LM head {head.shape[0]}x{head.shape[1]}: {res['lm_head_ms_per_step']:.2f} ms/token "
+          f"(= {args.batch / res['lm_head_ms_per_step'] * 1e3:,.0f} tok/s ceiling)", flush=True)
     return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="stories260k,gpt2", help="comma list: stories260k, gpt2")
+    ap.add_argument("--models", default="stories260k,gpt2",
+                    help="comma list: stories260k, gpt2 (4096-token BPE), gpt2-50k (GPT-2 vocabulary)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -130,8 +165,10 @@ def main() -> None:
     ap.add_argument("--json", default="", help="also write the results to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    loaders = {"stories260k": load_stories260k, "gpt2": load_gpt2}
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.new_tokens} new tokens, fp32")
+    loaders = {"stories260k": load_stories260k, "gpt2": load_gpt2, "gpt2-50k": lambda: load_gpt2("gpt2")}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.new_tokens} new tokens, fp32, "
+          f"load average {load:.1f} on {os.cpu_count()} CPUs")
     results = {}
     for name in args.models.split(","):
         model, tok = loaders[name]()

@@ -104,33 +104,34 @@ def _cuda_devices(model: Any) -> list:
 
 
 def sample_next(logits: torch.Tensor, gen: GenConfig, ban: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row from logits (B, V). Returns (tokens (B,), logprobs (B,)).
+    """One token per row from logits (B, V). Returns (tokens, logprobs), each (B, 1).
 
     logprobs = log softmax(logits / T)[token] (T = gen.temperature, or 1 for greedy) before any filtering.
     ban: a token id given probability 0 (EOS before gen.min_new_tokens). Sampling is by inverse CDF (one uniform
     per row, searchsorted in the cumulative probabilities): exact, and far cheaper on CPU than multinomial."""
-    z = logits.float()
+    z = logits if logits.dtype == torch.float32 else logits.float()
     if gen.temperature > 0 and gen.temperature != 1.0:
         z = z / gen.temperature
     if gen.temperature == 0:
         tokens = (z if ban is None else _filter(z, gen, ban)).argmax(-1, keepdim=True)  # (B, 1)
-        return tokens.squeeze(-1), (z.gather(-1, tokens) - torch.logsumexp(z, -1, keepdim=True)).squeeze(-1)
+        return tokens, z.gather(-1, tokens) - torch.logsumexp(z, -1, keepdim=True)
     if ban is None and not gen.top_k and gen.top_p >= 1.0:
         probs = torch.softmax(z, -1)  # (B, V)
         tokens = _inverse_cdf(probs)
-        return tokens.squeeze(-1), probs.gather(-1, tokens).log().squeeze(-1)
-    logp = torch.log_softmax(z, -1)  # the unfiltered distribution, which the training forward scores
+        return tokens, probs.gather(-1, tokens).log()  # drawn tokens have probability > 0
+    # filtered (in log space, so a row whose mass sits on banned tokens still renormalises); the log-prob is
+    # under the unfiltered distribution, which is what the training forward scores
     tokens = _inverse_cdf(torch.softmax(_filter(z, gen, ban), -1))
-    return tokens.squeeze(-1), logp.gather(-1, tokens).squeeze(-1)
+    return tokens, z.gather(-1, tokens) - torch.logsumexp(z, -1, keepdim=True)
 
 
 def _inverse_cdf(probs: torch.Tensor) -> torch.Tensor:
     """Draw one index per row of probs (B, V) (rows need not sum exactly to 1): (B, 1)."""
     cdf = probs.cumsum(-1)  # (B, V)
-    # u < total strictly (the factor absorbs rounding of the product), and right=True sends u == cdf[i] to i + 1:
-    # a token whose probability is 0 (a flat step of the cdf) is never drawn
-    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * (cdf[:, -1:] * (1 - 2.0 ** -22))
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
+    # u < total strictly (r < 1 - 2^-22 absorbs the rounding of the product), and right=True sends u == cdf[i] to
+    # i + 1: a token whose probability is 0 (a flat step of the cdf) is never drawn, and the index is always < V
+    u = torch.empty(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device).uniform_(0, 1 - 2.0 ** -22)
+    return torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True)
 
 
 def _filter(z: torch.Tensor, gen: GenConfig, ban: int | None) -> torch.Tensor:
@@ -254,8 +255,9 @@ def _bias(biases: list, weights: list) -> torch.Tensor | None:
 
 @dataclass
 class _Layer:
-    norm1: tuple
-    norm2: tuple
+    norm1: tuple | None
+    """LayerNorm (weight, bias) for GPT-2; None for RMSNorm, whose weight is folded into wqkv's columns."""
+    norm2: tuple | None
     wqkv: torch.Tensor
     """(out, in): Llama [q; k; rot(q); rot(k); v] (RoPE folded in, see _rotate_rows), GPT-2 [q; k; v]; q rows
     pre-multiplied by the attention scale 1/sqrt(D)."""
@@ -268,6 +270,9 @@ class _Layer:
     w_out: torch.Tensor
     b_out: torch.Tensor | None
     act: Callable
+
+    def __post_init__(self) -> None:
+        self.wo_t, self.w_out_t = self.wo.t(), self.w_out.t()  # (in, out) views for addmm
 
 
 def _llama_layers(inner: Any, n_heads: int, n_kv: int) -> list[_Layer]:
@@ -284,12 +289,14 @@ def _llama_layers(inner: Any, n_heads: int, n_kv: int) -> list[_Layer]:
         w_out, b_out = _linear(mlp.down_proj)
         s = (wq.shape[0] // n_heads) ** -0.5  # attention scale 1/sqrt(D), folded into the q rows
         bq, bqr = (None, None) if bq is None else (bq * s, bqr * s)
+        # RMSNorm weights folded into the columns of the next projection: (x̂ ⊙ g) Wᵀ = x̂ (W diag g)ᵀ
+        g1, g2 = blk.input_layernorm.weight, blk.post_attention_layernorm.weight
         layers.append(_Layer(
-            norm1=(blk.input_layernorm.weight, None), norm2=(blk.post_attention_layernorm.weight, None),
-            wqkv=torch.cat([wq * s, wk, wqr * s, wkr, wv]),
+            norm1=None, norm2=None,
+            wqkv=torch.cat([wq * s, wk, wqr * s, wkr, wv]) * g1,
             bqkv=_bias([bq, bk, bqr, bkr, bv], [wq, wk, wqr, wkr, wv]),
-            wo=wo, bo=bo, w_in=torch.cat([wg, wu]), b_in=_bias([bg, bu], [wg, wu]), w_out=w_out, b_out=b_out,
-            act=act))
+            wo=wo, bo=bo, w_in=torch.cat([wg, wu]) * g2, b_in=_bias([bg, bu], [wg, wu]), w_out=w_out,
+            b_out=b_out, act=act))
     return layers
 
 
@@ -354,85 +361,95 @@ class FastDecoder:
             self.rotary = inner.model.rotary_emb
             self.max_positions = None
         self.lm_head = _linear(inner.lm_head)
+        Hq, Hkv = self.n_heads, self.n_kv
+        self.split_sizes = [Hq, Hkv, Hkv] if self.kind == "gpt2" else [Hq, Hkv, Hq, Hkv, Hkv]
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.kind == "gpt2":
-            return F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
+    def _norm(self, x: torch.Tensor, norm: tuple | None) -> torch.Tensor:
+        """GPT-2 LayerNorm; Llama RMSNorm x / sqrt(mean(x²) + eps) without its weight (folded into the next
+        projection), computed in float32 as HF LlamaRMSNorm does."""
+        if norm is not None:
+            return F.layer_norm(x, (x.shape[-1],), norm[0], norm[1], self.eps)
         if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
-        xf = x.float()  # HF LlamaRMSNorm: normalise in float32, cast back, then scale
-        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+            return F.rms_norm(x, (x.shape[-1],), None, self.eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
-    def _qkv(self, ly: _Layer, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
-        """x (N, H) -> q (N, Hq, D), k and v (N, Hkv, D), RoPE applied; cos/sin broadcast to (N, 1, D)."""
-        Hq, Hkv, D = self.n_heads, self.n_kv, self.head_dim
-        qkv = F.linear(x, ly.wqkv, ly.bqkv)  # (N, out)
-        if cos is None:
-            qkv = qkv.view(-1, Hq + 2 * Hkv, D)
-            return qkv[:, :Hq], qkv[:, Hq: Hq + Hkv], qkv[:, Hq + Hkv:]
-        n_qk = (Hq + Hkv) * D
-        qk = qkv[:, :n_qk].unflatten(-1, (Hq + Hkv, D))  # (N, Hq+Hkv, D)
-        qk_rot = qkv[:, n_qk: 2 * n_qk].unflatten(-1, (Hq + Hkv, D))  # rotate_half(qk)
-        qk = torch.addcmul(qk * cos, qk_rot, sin)  # q·cos + rotate_half(q)·sin (HF apply_rotary_pos_emb)
-        return qk[:, :Hq], qk[:, Hq:], qkv[:, 2 * n_qk:].unflatten(-1, (Hkv, D))
+    def _final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        if self.wpe is not None:
+            return self._norm(h, self.norm_f)
+        return self._norm(h, None) * self.norm_f[0]
+
+    def _split(self, qkv: torch.Tensor) -> tuple:
+        """qkv (N, out) -> (q, k, v, q_rot, k_rot) as (N, heads, D) views; the rot parts are None for GPT-2."""
+        x = qkv.view(qkv.shape[0], -1, self.head_dim)  # (N, heads, D)
+        if self.wpe is not None:  # [q; k; v]
+            return (*x.split_with_sizes(self.split_sizes, 1), None, None)
+        q, k, q_rot, k_rot, v = x.split_with_sizes(self.split_sizes, 1)  # [q; k; rot(q); rot(k); v]
+        return q, k, v, q_rot, k_rot
 
     @staticmethod
-    def _residual(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        """h + x @ w.T (+ b) as one addmm when there is no bias. h, x: (N, .)."""
-        out = torch.addmm(h, x, w.t())
+    def _linear_add(h: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """h + x @ w_t (+ b): the residual add fused into addmm. h, x: (N, .)."""
+        out = torch.addmm(h, x, w_t)
         return out if b is None else out.add_(b)
 
     def _mlp_block(self, ly: _Layer, h: torch.Tensor) -> torch.Tensor:
-        x = F.linear(self._norm(h, *ly.norm2), ly.w_in, ly.b_in)
+        x = F.linear(self._norm(h, ly.norm2), ly.w_in, ly.b_in)
         if self.wpe is None:
             gate, up = x.chunk(2, dim=-1)
-            x = ly.act(gate) * up
+            x = ly.act(gate).mul_(up)
         else:
             x = ly.act(x)
-        return self._residual(h, x, ly.w_out, ly.b_out)
+        return self._linear_add(h, x, ly.w_out_t, ly.b_out)
 
     def _prefill(self, ids: torch.Tensor, pos: torch.Tensor, caches: list, mask: torch.Tensor) -> torch.Tensor:
-        """The whole left-padded prompt ids (B, P) at positions pos; fills caches[:, :, :P]; last logits (B, V)."""
+        """The whole left-padded prompt ids (B, P) at positions pos; fills the caches' first P slots; returns the
+        last position's logits (B, V). mask: additive (B, 1, P, P)."""
         B, P = ids.shape
         Hq, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         h = F.embedding(ids, self.embed).flatten(0, 1)  # (B*P, H)
-        cos = sin = None
         if self.wpe is not None:
             h = h + F.embedding(pos, self.wpe).flatten(0, 1)
         else:
             cos, sin = self.cos[pos].flatten(0, 1).unsqueeze(1), self.sin[pos].flatten(0, 1).unsqueeze(1)
-        for ly, (kc, vc) in zip(self.layers, caches):
-            q, k, v = self._qkv(ly, self._norm(h, *ly.norm1), cos, sin)
-            kc[:, :, :P] = k.unflatten(0, (B, P)).transpose(1, 2)  # (B, Hkv, P, D)
-            vc[:, :, :P] = v.unflatten(0, (B, P)).transpose(1, 2)
-            q = q.unflatten(0, (B, P)).transpose(1, 2)  # (B, Hq, P, D)
-            a = F.scaled_dot_product_attention(q, kc[:, :, :P], vc[:, :, :P], attn_mask=mask,
-                                               scale=1.0, enable_gqa=Hq != Hkv)  # (B, Hq, P, D)
-            h = self._residual(h, a.transpose(1, 2).reshape(B * P, Hq * D), ly.wo, ly.bo)
+        for ly, (k_w, _, v_w, _) in zip(self.layers, caches):
+            q, k, v, q_rot, k_rot = self._split(F.linear(self._norm(h, ly.norm1), ly.wqkv, ly.bqkv))
+            if q_rot is not None:  # q·cos + rotate_half(q)·sin (HF apply_rotary_pos_emb)
+                q, k = torch.addcmul(q * cos, q_rot, sin), torch.addcmul(k * cos, k_rot, sin)
+            k_w[..., :P] = k.unflatten(0, (B, P)).permute(0, 2, 3, 1)  # (B, Hkv, D, P)
+            v_w[:, :, :P] = v.unflatten(0, (B, P)).transpose(1, 2)  # (B, Hkv, P, D)
+            a = F.scaled_dot_product_attention(
+                q.unflatten(0, (B, P)).transpose(1, 2), k_w[..., :P].transpose(-1, -2), v_w[:, :, :P],
+                attn_mask=mask, scale=1.0, enable_gqa=Hq != Hkv)  # (B, Hq, P, D); q carries the scale
+            h = self._linear_add(h, a.transpose(1, 2).reshape(B * P, Hq * D), ly.wo_t, ly.bo)
             h = self._mlp_block(ly, h)
-        last = self._norm(h.view(B, P, -1)[:, -1], *self.norm_f)  # (B, H)
-        return F.linear(last, *self.lm_head)  # (B, V)
+        return F.linear(self._final_norm(h.view(B, P, -1)[:, -1]), *self.lm_head)  # (B, V)
 
-    def _step(self, tok: torch.Tensor, t: int, caches: list, mask: torch.Tensor, pos_embed: tuple) -> torch.Tensor:
-        """One new token per row, tok (B,), written at cache slot t; mask: additive (B, 1, 1, t+1). Logits (B, V)."""
+    def _step(self, tok: torch.Tensor, t: int, caches: list, mask: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor | None) -> torch.Tensor:
+        """One new token per row, tok (B,), stored in cache slot t; mask: additive (B*Hkv, 1, t+1); cos/sin:
+        this step's RoPE rows (B, 1, D) (GPT-2: cos = its position embeddings (B, H), sin None). Logits (B, V).
+
+        Keys are cached transposed, (B*Hkv, D, slots), values as (B*Hkv, slots, D): attention is
+        baddbmm(mask, q, keys) -> softmax -> bmm(values) without copies; q head j*G + g uses kv head j (HF
+        repeat_kv order). RoPE'd keys are written straight into their cache slot (addcmul out=)."""
         B = tok.shape[0]
         Hq, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         h = F.embedding(tok, self.embed)  # (B, H)
-        cos, sin = pos_embed
-        if self.wpe is not None:
-            h = h + cos  # GPT-2: cos holds the learned position embeddings of this step
-            cos = sin = None
-        for ly, (kc, vc) in zip(self.layers, caches):
-            q, k, v = self._qkv(ly, self._norm(h, *ly.norm1), cos, sin)
-            kc[:, :, t] = k  # (B, Hkv, D)
-            vc[:, :, t] = v
-            # GQA without copies: q head j*G + g attends with kv head j (HF repeat_kv order)
-            scores = torch.matmul(q.reshape(B, Hkv, Hq // Hkv, D), kc[:, :, : t + 1].transpose(-1, -2))
-            probs = torch.softmax(scores.add_(mask), dim=-1)  # (B, Hkv, G, t+1); q carries the scale
-            a = torch.matmul(probs, vc[:, :, : t + 1])  # (B, Hkv, G, D)
-            h = self._residual(h, a.view(B, Hq * D), ly.wo, ly.bo)
+        if sin is None:
+            h = h + cos
+        for ly, (k_w, keys, v_w, values) in zip(self.layers, caches):
+            q, k, v, q_rot, k_rot = self._split(F.linear(self._norm(h, ly.norm1), ly.wqkv, ly.bqkv))
+            if q_rot is not None:
+                q = torch.addcmul(q * cos, q_rot, sin)  # (B, Hq, D) contiguous
+                torch.addcmul(k * cos, k_rot, sin, out=k_w.select(3, t))
+            else:
+                k_w.select(3, t).copy_(k)
+            v_w.select(2, t).copy_(v)
+            scores = torch.baddbmm(mask, q.reshape(B * Hkv, Hq // Hkv, D), keys.narrow(2, 0, t + 1))
+            a = torch.bmm(torch.softmax(scores, dim=-1), values.narrow(1, 0, t + 1))  # (B*Hkv, G, D)
+            h = self._linear_add(h, a.view(B, Hq * D), ly.wo_t, ly.bo)
             h = self._mlp_block(ly, h)
-        return F.linear(self._norm(h, *self.norm_f), *self.lm_head)  # (B, V)
+        return F.linear(self._final_norm(h), *self.lm_head)  # (B, V)
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], gen: GenConfig, eos: int, pad: int):
@@ -443,24 +460,27 @@ class FastDecoder:
         B, P = ids.shape
         T = gen.max_new_tokens
         total = P + T
+        Hkv, D = self.n_kv, self.head_dim
         lengths = valid.sum(-1)  # (B,) prompt lengths = position of the first new token
         if self.max_positions is not None and int(lengths.max()) + T > self.max_positions:
             raise UserError(f"sampling: prompt + gen.max_new_tokens exceeds the model's {self.max_positions} "
                             "positions")
         steps_pos = (lengths.unsqueeze(1) + torch.arange(T, device=self.device)).t()  # (T, B)
         if self.wpe is None:
-            self.cos, self.sin = self.rotary(self.embed[:1], torch.arange(total, device=self.device)[None])
-            self.cos, self.sin = self.cos[0], self.sin[0]  # (P+T, D)
-            pos_embed = (self.cos[steps_pos].unsqueeze(2), self.sin[steps_pos].unsqueeze(2))  # (T, B, 1, D)
+            cos, sin = self.rotary(self.embed[:1], torch.arange(total, device=self.device)[None])
+            self.cos, self.sin = cos[0], sin[0]  # (P+T, D)
+            step_cos, step_sin = self.cos[steps_pos].unsqueeze(2), self.sin[steps_pos].unsqueeze(2)  # (T, B, 1, D)
         else:
-            pos_embed = (F.embedding(steps_pos, self.wpe), None)  # (T, B, H)
-        caches = [(torch.zeros(B, self.n_kv, total, self.head_dim, dtype=self.dtype, device=self.device),
-                   torch.zeros(B, self.n_kv, total, self.head_dim, dtype=self.dtype, device=self.device))
-                  for _ in self.layers]
+            step_cos, step_sin = F.embedding(steps_pos, self.wpe), None  # (T, B, H) position embeddings
+        caches = []
+        for _ in self.layers:  # per layer: keys (write view, read view), values (write view, read view)
+            keys = torch.zeros(B * Hkv, D, total, dtype=self.dtype, device=self.device)
+            values = torch.zeros(B * Hkv, total, D, dtype=self.dtype, device=self.device)
+            caches.append((keys.view(B, Hkv, D, total), keys, values.view(B, Hkv, total, D), values))
         neg = torch.finfo(self.dtype).min
-        keys = torch.cat([valid, valid.new_ones(B, T)], 1)  # (B, P+T): cache slots holding real tokens
-        step_mask = torch.zeros(B, 1, 1, total, dtype=self.dtype, device=self.device).masked_fill(
-            ~keys[:, None, None, :], neg)
+        slots = torch.cat([valid, valid.new_ones(B, T)], 1)  # (B, P+T): cache slots holding real tokens
+        step_mask = torch.zeros(B, Hkv, 1, total, dtype=self.dtype, device=self.device).masked_fill(
+            ~slots[:, None, None, :], neg).view(B * Hkv, 1, total)
         causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()
         # pad query rows attend to themselves only, so no softmax row is empty (their outputs are never read)
         allowed = (causal & valid[:, None, None, :]) | torch.eye(P, dtype=torch.bool, device=self.device)
@@ -468,14 +488,14 @@ class FastDecoder:
 
         logits = self._prefill(ids, position_ids_from_mask(valid.long()), caches, prefill_mask)
         tokens, lps = [], []
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        done = torch.zeros(B, 1, dtype=torch.bool, device=self.device)
         for t in range(T):
-            tok, lp = sample_next(logits, gen, ban=eos if t < gen.min_new_tokens else None)
+            tok, lp = sample_next(logits, gen, ban=eos if t < gen.min_new_tokens else None)  # (B, 1) each
             tokens.append(tok)
             lps.append(lp)
             done |= tok == eos
             if t == T - 1 or bool(done.all()):
                 break
-            pe = (pos_embed[0][t], None if pos_embed[1] is None else pos_embed[1][t])
-            logits = self._step(tok, P + t, caches, step_mask[..., : P + t + 1], pe)
-        return _trim(torch.stack(tokens, 1).tolist(), torch.stack(lps, 1).tolist(), eos)
+            logits = self._step(tok.view(B), P + t, caches, step_mask.narrow(2, 0, P + t + 1), step_cos[t],
+                                None if step_sin is None else step_sin[t])
+        return _trim(torch.cat(tokens, 1).tolist(), torch.cat(lps, 1).tolist(), eos)

@@ -153,11 +153,15 @@ def test_stops_on_eos_per_sequence_and_batch_stops_early():
     for c, f in zip(s.completion_ids, s.finished):
         assert f == (c[-1] == 2) and 2 not in c[:-1]  # EOS once, at the end, when finished
         assert f or len(c) == 30
-    # min_new_tokens bans EOS before step 5; an EOS-certain model then stops every row at step 5 at once
-    sure = rigged_eos_model(eos_logit=50.0)
+    # min_new_tokens bans EOS before step 5; an EOS-certain model then stops every row at step 5 at once. With
+    # an EOS logit of 200 every other token's probability underflows to 0 in float32: the banned rows must still
+    # renormalise, and their log-probs stay finite (about -200) instead of -inf
+    sure = rigged_eos_model(eos_logit=200.0)
     s = sample(sure, TOK, prompts, GenConfig(max_new_tokens=30, min_new_tokens=5, temperature=1.0,
                                              backend="fast"), seed=0)
     assert all(len(c) == 6 and f for c, f in zip(s.completion_ids, s.finished))
+    lps = torch.tensor(s.logprobs)  # (16, 6)
+    assert torch.isfinite(lps).all() and (lps[:, :5] < -100).all() and (lps[:, 5] > -1e-3).all()
 
 
 def test_sample_next_filters_and_inverse_cdf():
@@ -167,6 +171,8 @@ def test_sample_next_filters_and_inverse_cdf():
     probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
     logits = probs.clamp_min(1e-30).log().expand(20000, 4).contiguous()
     tok, lp = sample_next(logits, GenConfig(temperature=1.0))
+    assert tok.shape == lp.shape == (20000, 1)
+    tok, lp = tok.squeeze(-1), lp.squeeze(-1)
     freq = torch.bincount(tok, minlength=4).float() / len(tok)
     assert torch.allclose(freq, probs, atol=0.015) and freq[3] == 0  # zero probability never drawn
     assert torch.allclose(lp, probs.log()[tok], atol=1e-6)
@@ -176,10 +182,10 @@ def test_sample_next_filters_and_inverse_cdf():
     banned, _ = sample_next(logits[:2000], GenConfig(temperature=1.0), ban=0)
     assert (banned != 0).all()
     g_tok, g_lp = sample_next(logits[:3] / 0.5, GenConfig(temperature=0.0))
-    assert (g_tok == 0).all() and torch.allclose(g_lp, torch.log_softmax(logits[:3] / 0.5, -1)[:, 0])
+    assert (g_tok == 0).all() and torch.allclose(g_lp, torch.log_softmax(logits[:3] / 0.5, -1)[:, :1])
     # top-p keeps the smallest set reaching p: 0.5 + 0.3 >= 0.7 -> only tokens 0 and 1
     tp, _ = sample_next(logits[:5000], GenConfig(temperature=1.0, top_p=0.7))
-    assert set(tp.tolist()) == {0, 1}
+    assert set(tp.flatten().tolist()) == {0, 1}
 
 
 def test_seed_determinism_and_caller_rng_untouched(stories):
