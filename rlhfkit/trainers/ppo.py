@@ -286,8 +286,7 @@ def main(cfg: PPOConfig, argv: list[str] | None = None) -> dict:
         if t.sample_every and (done % t.sample_every == 0 or done == 1):
             rows = R.sample_rows(batch, raw, seq_kl, t.num_samples_shown)
             R.write_samples(out, done, rows)
-            if cfg.run.progress:
-                bar.write(R.format_sample_table(done, rows))
+            bar.write(R.format_sample_table(done, rows))  # above the progress bar (printed when it is off too)
         if (cfg.run.save_every and done % cfg.run.save_every == 0) or (done == end and done < cfg.train.steps):
             U.save_checkpoint(out, done, models={"policy": policy, "value": value_model}, tokenizer=tokenizer,
                               optimizer=optimizer, scheduler=scheduler, keep=cfg.run.keep_checkpoints,

@@ -121,8 +121,9 @@ def test_resume_is_bit_identical(tmp_path):
 
 
 def test_lora_policy_with_adapter_off_reference(tmp_path):
+    """Also runs the HF generate backend (gen.backend=hf) end to end."""
     out = tmp_path / "lora"
-    cfg = tiny_cfg(out, **{"model.lora_r": "4", "model.lora_alpha": "16", "optim.lr": "5e-3"})
+    cfg = tiny_cfg(out, **{"model.lora_r": "4", "model.lora_alpha": "16", "optim.lr": "5e-3", "gen.backend": "hf"})
     ppo.main(cfg, [])
     lines = rows(out)
     assert lines[0]["objective/kl"] == 0.0  # adapter B starts at 0: policy == base == reference
@@ -169,3 +170,33 @@ def test_contract_command_and_bad_inputs(tmp_path, capsys, jsonl):
     # scores of 1e30 overflow the value loss (squared returns): a divergence, exit 1, one line
     code, errors, _ = run_cli(capsys, f"reward.function={bad}:huge", *base)
     assert code == 1 and errors[0].startswith("error: training diverged")
+
+
+def test_value_model_on_the_reward_model_backbone(tmp_path, monkeypatch):
+    """value_model=reward: the value model is a copy of the deep reward model's backbone with a zeroed head; a
+    stand-in for rlhfkit.reward.load_reward_model (same interface: .score, plus .model and .tokenizer)."""
+    import sys
+    import types
+
+    from rlhfkit import models as M
+    from rlhfkit.config import ModelConfig
+    from rlhfkit.heads import head_of, load_scalar_model
+
+    rm_backbone = load_scalar_model(ModelConfig(), torch.device("cpu"), init="normal")
+    rm_head = head_of(rm_backbone).weight.detach().clone()
+
+    class StandIn:
+        model, tokenizer = rm_backbone, M.load_tokenizer("stories260k")
+
+        def score(self, prompts, completions):
+            return [float(len(c.split())) for c in completions]
+
+    monkeypatch.setitem(sys.modules, "rlhfkit.reward",
+                        types.SimpleNamespace(load_reward_model=lambda path, device=None: StandIn()))
+    cfg = tiny_cfg(tmp_path, **{"reward.function": "", "reward.model": "rm-dir", "value_model": "reward",
+                                "train.steps": "1"})
+    value = ppo.load_value_model(cfg, torch.device("cpu"), StandIn.tokenizer)
+    assert value is not rm_backbone and torch.count_nonzero(head_of(value).weight) == 0
+    assert torch.equal(head_of(rm_backbone).weight, rm_head)  # the reward model itself is untouched
+    ppo.main(cfg, [])
+    assert rows(tmp_path)[0]["val/mean"] == 0.0 and rows(tmp_path)[0]["objective/score"] > 0
