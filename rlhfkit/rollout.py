@@ -205,6 +205,9 @@ def fast_unsupported_reason(model: Any) -> str | None:
     for mod in inner.modules():
         if getattr(mod, "lora_magnitude_vector", None):  # DoRA rescales per column; not implemented here
             return "DoRA adapters are not supported"
+    embed = inner.get_input_embeddings()
+    if hasattr(embed, "base_layer") or hasattr(getattr(inner, "lm_head", None), "lora_embedding_A"):
+        return "LoRA on the embeddings is not supported"
     if kind == "gpt2":
         if cfg.scale_attn_by_inverse_layer_idx or cfg.reorder_and_upcast_attn or not cfg.scale_attn_weights:
             return "GPT-2 attention variants (scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn) are not supported"
@@ -446,7 +449,9 @@ class FastDecoder:
                 k_w.select(3, t).copy_(k)
             v_w.select(2, t).copy_(v)
             scores = torch.baddbmm(mask, q.reshape(B * Hkv, Hq // Hkv, D), keys.narrow(2, 0, t + 1))
-            a = torch.bmm(torch.softmax(scores, dim=-1), values.narrow(1, 0, t + 1))  # (B*Hkv, G, D)
+            probs = torch.softmax(scores, -1) if scores.dtype == torch.float32 else \
+                torch.softmax(scores, -1, dtype=torch.float32).to(scores.dtype)  # bf16/fp16: softmax in fp32
+            a = torch.bmm(probs, values.narrow(1, 0, t + 1))  # (B*Hkv, G, D)
             h = self._linear_add(h, a.view(B, Hq * D), ly.wo_t, ly.bo)
             h = self._mlp_block(ly, h)
         return F.linear(self._final_norm(h), *self.lm_head)  # (B, V)
