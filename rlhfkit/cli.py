@@ -38,7 +38,12 @@ COMMANDS: dict[str, tuple] = {
         "agreement": ("Percent agreement, Krippendorff's alpha, per pair", "rlhfkit.annotate.cli", "AgreementConfig"),
         "migrate": ("Upgrade a database to this version's schema", "rlhfkit.annotate.cli", "MigrateConfig"),
     }),
-    "demo": ("The main job on bundled defaults (no arguments needed)", "rlhfkit.trainers.demo", "DemoConfig"),
+    "demo": ("The whole RLHF loop on bundled defaults, with an HTML report (no arguments needed)",
+             "rlhfkit.trainers.demo", "DemoConfig"),
+    "pipeline": ("Run the RLHF loop from one YAML: sft, generate, annotate, rm, ppo|grpo|rloo|dpo, eval, rounds",
+                 "rlhfkit.trainers.pipeline", "PipelineCLI"),
+    "eval": ("Win rate, mean score, KL, diversity, length, chrF/BLEU of policy A vs B; JSON + HTML report",
+             "rlhfkit.trainers.evaluate", "EvalConfig"),
     "rm": ("Train, evaluate and apply reward models", {
         "train": ("Train a linear (wᵀφ) or deep (scalar-head) reward model on pairs and/or ratings",
                   "rlhfkit.trainers.rm", "RMTrainConfig"),

@@ -1,53 +1,82 @@
-"""The main job on bundled defaults: fine-tune the bundled stories260K model on bundled TinyStories text, then
-generate from held-out story openings, before and after.
+"""The main job on bundled defaults: the whole RLHF loop on the bundled stories260K model, offline, on a CPU.
 
-    rlhfkit demo                      # about a minute on 2 CPU cores
-    rlhfkit demo run.output_dir=runs/demo sft_steps=100
+    rlhfkit demo                                   # writes runs/demo/report.html and runs/demo/summary.json
+    rlhfkit demo run.output_dir=DIR open=true      # also print the report's path and file:// URL at the end
+    rlhfkit demo method=dpo                        # DPO on the labelled pairs instead of PPO (grpo, rloo: when present)
+    rlhfkit demo human=true                        # people label in the web app (URL and login printed) before training
+
+1. generate: the policy writes 4 continuations of each of 512 bundled TinyStories openings;
+2. annotate: a crowd of 5 simulated annotators labels every pair of them through the feedback app's HTTP API
+   (SQLite database in DIR/feedback.db). Their hidden "human" preference is the gold function
+   rlhfkit.gold:sentiment (happier, kinder stories: VADER sentiment of the continuation) plus Bradley-Terry noise;
+3. rm: a linear reward model on MiniLM sentence embeddings learns the preference from the labels;
+4. ppo: the policy is tuned against the reward model with a KL penalty to the original model;
+5. eval: tuned vs original on 200 held-out openings, judged by the gold function (which the RL never saw);
+6. report: DIR/report.html (one self-contained file) and DIR/summary.json.
+It is `rlhfkit pipeline` with its default config (docs/pipeline.md): every key of the pipeline works here, and a
+re-run skips the finished stages.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from rlhfkit.config import GenConfig, RunConfig, load_config
-from rlhfkit.trainers import generate as G
-from rlhfkit.trainers import sft as S
+from rlhfkit.config import RunConfig
+from rlhfkit.errors import UserError
+from rlhfkit.trainers.pipeline import PipelineConfig, format_summary, run_pipeline
 
 
 @dataclass
-class DemoConfig:
-    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/demo"))
-    sft_steps: int = 60
-    """SFT optimizer steps on bundled TinyStories text."""
-    prompts: int = 4
-    """Held-out story openings to complete before and after SFT."""
-    gen: GenConfig = field(default_factory=lambda: GenConfig(max_new_tokens=80, temperature=0.7, top_k=40))
-    """Sampling settings for the before/after samples."""
+class DemoConfig(PipelineConfig):
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/demo", threads=1))
+    """run.threads=1: on a busy 2-core machine two torch threads made small models 5-12x slower (docs/demo.md)."""
+    method: str = ""
+    """Shortcut for rl.method: ppo, grpo, rloo or dpo (empty keeps rl.method)."""
+    human: bool = False
+    """Shortcut for annotate.source=human with a human-sized task: 32 prompts x 2 continuations, one label each.
+    The web app's URL and a login are printed; training starts when every pair is labelled."""
+    open: bool = False
+    """Print the report's path and file:// URL at the end (the report is one self-contained HTML file)."""
+
+    def validate(self) -> None:
+        if self.method and self.method not in ("ppo", "grpo", "rloo", "dpo"):
+            raise UserError(f"method: expected ppo, grpo, rloo or dpo, got {self.method!r}")
+        super().validate()
+
+
+HUMAN_TASK = {"generate.prompts_per_round": 32, "generate.num_samples": 2, "annotate.k": 1}
+"""What human=true changes: a task a person finishes in a few minutes."""
+
+DPO_ARGS = {"train.steps": 120, "train.batch_size": 16, "train.micro_batch_size": 16, "train.beta": 0.1,
+            "optim.lr": 5e-4, "train.precompute_ref_logprobs": True}
+"""rl.args for method=dpo when rl.args is still the PPO default."""
+
+
+def apply_shortcuts(cfg: DemoConfig) -> DemoConfig:
+    """Turn method/human into the pipeline keys they stand for (documented on the fields), validated again."""
+    from rlhfkit.config import set_key, validate_tree
+
+    if cfg.method:
+        if cfg.method == "dpo" and cfg.rl.args == PipelineConfig().rl.args:
+            cfg.rl.args = dict(DPO_ARGS)
+        cfg.rl.method = cfg.method
+    if cfg.human:
+        cfg.annotate.source = "human"
+        for key, value in HUMAN_TASK.items():
+            set_key(cfg, key, value, from_cli=False)
+    validate_tree(cfg)
+    return cfg
 
 
 def main(cfg: DemoConfig, argv: list[str] | None = None) -> dict:
-    t0 = time.perf_counter()
-    out = cfg.run.output_dir
-    sft_cfg = load_config(S.SFTConfig, None, {
-        "run.output_dir": f"{out}/sft", "run.seed": cfg.run.seed, "run.progress": cfg.run.progress,
-        "data.train": "bundled:tinystories_train.jsonl.gz", "data.eval": "bundled:tinystories_eval.jsonl.gz",
-        "data.max_length": 128, "train.steps": cfg.sft_steps, "optim.lr": 3e-4})
-    result = S.main(sft_cfg, argv)
-    samples = {}
-    for name, model in (("before", "stories260k"), ("after", f"{out}/sft/model")):
-        gen_cfg = load_config(G.GenerateConfig, None, {
-            "model.name": model, "data.prompts": "bundled:tinystories_eval_prompts.jsonl",
-            "data.limit": cfg.prompts, "output": f"{out}/samples_{name}.jsonl", "seed": cfg.run.seed,
-            "progress": cfg.run.progress})
-        gen_cfg.gen = cfg.gen
-        G.main(gen_cfg)
-        samples[name] = [json.loads(line) for line in open(f"{out}/samples_{name}.jsonl", encoding="utf-8")]
-    print("\n== samples (held-out openings; before -> after SFT) ==")
-    for before, after in zip(samples["before"], samples["after"]):
-        print(f"\n[prompt] {before['prompt']}\n[before] {before['completions'][0]}\n[after]  {after['completions'][0]}")
-    summary = {"sft_eval_loss": result.get("loss/eval"), "sft_tokens_per_s": result.get("time/tokens_per_s"),
-               "seconds": time.perf_counter() - t0}
-    print(f"\ndemo: done in {summary['seconds']:.0f}s; outputs in {out}")
+    cfg = apply_shortcuts(cfg)
+    out = Path(cfg.run.output_dir)
+    print(f"demo: the RLHF loop on {cfg.model.name} -> {out} (progress per stage below; a re-run skips finished "
+          "stages)", flush=True)
+    summary = run_pipeline(cfg, argv)
+    print(format_summary(summary, out, cfg.report))
+    if cfg.open and cfg.report:
+        report = (out / "report.html").resolve()
+        print(f"report: {report}\n        {report.as_uri()}")
     return summary
