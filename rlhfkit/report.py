@@ -192,12 +192,21 @@ def scatter_figure(x: list[float], y: list[float], xlabel: str, ylabel: str, tit
 # ----------------------------------------------------------------------------------------------------------------
 # Reports
 
+CURVES = (("objective/score", "reward-model score"), ("objective/kl", "KL (nats)"), ("objective/kl_coef", "β"),
+          ("gen/length", "length (tokens)"), ("objective/entropy", "entropy (nats)"), ("loss/train", "loss"),
+          ("rewards/accuracies", "pair accuracy"), ("rewards/margins", "implicit reward margin"))
+"""metrics.jsonl keys drawn as training curves (PPO-style and DPO-style trainers), when present and not constant."""
 
-def _eval_section(rep: Report, result: dict, rows: list[dict], shown: int) -> None:
+
+def _eval_section(rep: Report, result: dict, rows: list[dict], shown: int, labels: dict | None = None) -> None:
+    """Tables (per policy; win rates), the score histogram and the side-by-side samples of an eval result.
+    labels: display names of the judges ("function", "reward_model")."""
     pols = result["policies"]
     judges = list(next(iter(pols.values()))["scores"])
-    header = ["policy", "source"] + [f"mean score ({j})" for j in judges] + ["KL to ref", "words", "distinct-1",
-                                                                           "distinct-2", "distinct-3"]
+    names = {"function": f"judge {result['judges'].get('function') or ''}".strip(), "reward_model": "reward model",
+             **(labels or {})}
+    header = ["policy", "source"] + [f"mean score: {names[j]}" for j in judges] + [
+        "KL to ref", "words", "distinct-1", "distinct-2", "distinct-3"]
     has_mt = any("chrf" in p for p in pols.values())
     if has_mt:
         header += ["chrF", "BLEU"]
@@ -209,30 +218,30 @@ def _eval_section(rep: Report, result: dict, rows: list[dict], shown: int) -> No
             row += [p.get("chrf"), p.get("bleu")]
         table.append(row)
     rep.table(header, table)
+    j = result.get("judge", judges[0])
     if "win_rate" in result:
         a, b = pols["a"]["name"], pols["b"]["name"]
         rep.table(["judge", f"win rate of {a} over {b}", "± s.e.", "wins", "ties", "losses", "comparisons"],
-                  [[j, w["win_rate"], w["stderr"], w["wins"], w["ties"], w["losses"], w["n"]]
-                   for j, w in result["win_rate"].items()])
-        j = result.get("judge", judges[0])
+                  [[names[k], w["win_rate"], w["stderr"], w["wins"], w["ties"], w["losses"], w["n"]]
+                   for k, w in result["win_rate"].items()])
         rep.figure(histogram_figure({pols[k]["name"]: [r[f"{k}_scores"][j] for r in rows] for k in pols},
-                                    f"score ({j})", "Score distribution on held-out prompts"),
-                   f"Scores by the {j} judge of every completion of each policy.")
-        cols = [("a", pols["a"]["name"]), ("b", pols["b"]["name"])]
+                                    names[j], "Score distribution on held-out prompts"),
+                   f"Scores ({names[j]}) of every held-out completion of each policy.")
         shown_rows = [{"prompt": r["prompt"], "a": r["a"], "b": r["b"], "a_score": r["a_scores"][j],
                        "b_score": r["b_scores"][j]} for r in rows[:shown]]
-        rep.heading(f"Samples side by side (first {len(shown_rows)}; green: {a} wins by {j})", 3)
-        rep.samples(shown_rows, cols, score_key=j)
+        rep.heading(f"Samples side by side (first {len(shown_rows)}; green: {a} wins by {names[j]}, red: it "
+                    "loses)", 3)
+        rep.samples(shown_rows, [("a", a), ("b", b)], score_key=names[j])
     else:
-        j = judges[0]
         rep.samples([{"prompt": r["prompt"], "a": r["a"], "a_score": r["a_scores"][j]} for r in rows[:shown]],
-                    [("a", pols["a"]["name"])], score_key=j)
+                    [("a", pols["a"]["name"])], score_key=names[j])
 
 
 def eval_report(result: dict, rows: list[dict], shown: int = 12) -> str:
     """The `rlhfkit eval` report."""
+    judges = ", ".join(f"{k} {v}" for k, v in result["judges"].items() if v)
     rep = Report("rlhfkit eval", f"{result['prompts']} prompts from {result['data']}, {result['num_samples']} "
-                                 f"sample(s) each; judges: {', '.join(f'{k} {v}' for k, v in result['judges'].items() if v)}")
+                                 f"sample(s) each; judges: {judges}")
     _eval_section(rep, result, rows, shown)
     return rep.html()
 
@@ -244,13 +253,30 @@ def pipeline_report(data: dict) -> str:
     s = data["summary"]
     rep = Report(data.get("title", "rlhfkit: the RLHF loop"), data.get("subtitle", ""))
     rep.heading("Result")
-    rows = [[k.replace("_", " "), v] for k, v in s.items() if isinstance(v, (int, float, str)) and k != "stages"]
-    rep.table(["quantity", "value"], rows)
+    gold = data.get("gold_label", "gold score")
+    head = []
+    if "gold_score_before" in s:
+        head.append([f"{gold}, base → tuned ({s.get('eval_prompts')} held-out prompts)",
+                     f"{s['gold_score_before']:.3f} → {s['gold_score_after']:.3f}"])
+    if "win_rate" in s:
+        head.append([f"win rate of tuned over base ({s.get('win_rate_judge')})",
+                     f"{s['win_rate']:.3f} ± {s['win_rate_stderr']:.3f} ({s.get('eval_comparisons')} comparisons)"])
+    if s.get("rm_accuracy") is not None:
+        gold_acc = f", {s['rm_gold_accuracy']:.3f} vs gold" if "rm_gold_accuracy" in s else ""
+        head.append(["reward model held-out accuracy", f"{s['rm_accuracy']:.3f} vs crowd labels{gold_acc}"])
+    if s.get("kl") is not None:
+        head.append(["KL(tuned ‖ base)", f"{s['kl']:.2f} nats per completion"])
+    if "distinct_2_before" in s:
+        head.append(["distinct-2, base → tuned", f"{s['distinct_2_before']:.3f} → {s['distinct_2_after']:.3f}"])
+    head.append(["wall time", f"{s['seconds']:.0f} s"])
+    rep.table(["", ""], head)
     for line in data.get("notes", []):
         rep.paragraph(line, "muted")
+    rep.heading("All numbers (summary.json)", 3)
+    rep.table(["key", "value"], [[k, v] for k, v in s.items() if isinstance(v, (int, float, str))])
     if data.get("stages"):
         rep.heading("Stages", 3)
-        rep.table(["stage", "seconds", "status"], [[st["name"], st["seconds"], st.get("status", "")]
+        rep.table(["stage", "seconds", "status"], [[st["name"], round(st["seconds"], 1), st.get("status", "")]
                                                    for st in data["stages"]])
 
     rm = data.get("rm")
@@ -262,20 +288,21 @@ def pipeline_report(data: dict) -> str:
             gold, proxy = rm["scatter"]
             rep.figure(scatter_figure(gold, proxy, data.get("gold_label", "gold score"), "reward model score",
                                       "Learned reward vs gold on held-out completions"),
-                       "Each dot is one held-out completion. Held-out accuracy counts the pairs the reward model orders "
-                       "like the crowd's label (and, for gold accuracy, like the noise-free gold function).")
+                       "Each dot is one completion of the reward model's held-out pairs. Held-out accuracy counts the "
+                       "pairs it orders like the crowd's label (vs gold: like the noise-free gold function).")
 
     metrics = data.get("rl_metrics") or []
     if metrics:
         rep.heading("Training curves")
         steps = [m["step"] for m in metrics]
-        keys = [(k, label) for k, label in (("objective/score", "reward-model score"), ("objective/kl", "KL (nats)"),
-                                            ("objective/kl_coef", "β"), ("gen/length", "length (tokens)"),
-                                            ("loss/train", "loss"), ("rewards/accuracies", "pair accuracy"),
-                                            ("rewards/margins", "implicit reward margin"))
-                if any(k in m for m in metrics)]
-        rep.figure(curves_figure(steps, [(label, [m.get(k) for m in metrics]) for k, label in keys]),
-                   "Per update of the RL stage (all rounds joined).")
+        panels = []
+        for key, label in CURVES:
+            values = [m.get(key) for m in metrics]
+            if len({v for v in values if v is not None}) > 1:  # constant series (a fixed β, ...) are left out
+                panels.append((label, values))
+        if panels:
+            rep.figure(curves_figure(steps, panels), "Per update of the RL stage (rounds joined end to end); the "
+                       "reward-model score is the raw score of the sampled completions, KL the sum over their tokens.")
 
     over = data.get("overopt") or []
     if over:
@@ -283,14 +310,16 @@ def pipeline_report(data: dict) -> str:
         rep.figure(overoptimisation_figure([o["kl"] for o in over], [o["gold"] for o in over],
                                            [o["proxy"] for o in over], data.get("gold_label", "gold score"),
                                            "reward-model score"),
-                   "Means over the RL stage's sampled completions at several updates (x: their mean KL to the "
-                   "reference). While both rise the learned reward is a good proxy; a learned reward that keeps "
-                   "rising while the gold score stalls or falls is overoptimisation (Gao et al., 2022).")
+                   "Each point is the base policy or an RL checkpoint, sampled on held-out prompts: its mean gold score "
+                   "and reward-model score against its KL to the base. While both rise the learned reward is a good "
+                   "proxy; a reward-model score that keeps rising while the gold score stalls or falls is "
+                   "overoptimisation (Gao et al., 2022, Scaling Laws for Reward Model Overoptimization).")
     elif data.get("overopt_note"):
         rep.heading("Gold score vs learned reward as KL grows")
         rep.paragraph(data["overopt_note"], "muted")
 
     if data.get("eval"):
         rep.heading("Held-out evaluation: tuned vs base")
-        _eval_section(rep, data["eval"], data.get("eval_rows", []), data.get("samples_shown", 12))
+        _eval_section(rep, data["eval"], data.get("eval_rows", []), data.get("samples_shown", 12),
+                      {"function": data.get("gold_label", "gold score")})
     return rep.html()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from rlhfkit.config import load_config
-from rlhfkit.trainers import demo, pipeline
+from rlhfkit.trainers import demo, pipeline_stages
 
 TINY = {
     "run.progress": False, "gen.max_new_tokens": 10, "generate.prompts_per_round": 10, "generate.num_samples": 3,
@@ -57,7 +57,7 @@ def forbid_stages(monkeypatch):
         for name in names:
             def boom(*a, _name=name, **k):
                 raise AssertionError(f"stage {_name} ran but should have been skipped")
-            monkeypatch.setattr(pipeline, name, boom)
+            monkeypatch.setattr(pipeline_stages, name, boom)
     return forbid
 
 

@@ -16,6 +16,7 @@ import torch
 from rlhfkit.config import load_config, parse_cli
 from rlhfkit.errors import UserError
 from rlhfkit.trainers import pipeline as P
+from rlhfkit.trainers import pipeline_stages as S
 
 JUDGE = f"{Path(__file__).resolve().parent / 'fixtures_eval.py'}:n_words"
 
@@ -87,7 +88,7 @@ def test_people_label_in_the_web_app(tmp_path, capsys):
         threading.Thread(target=work, daemon=True).start()
 
     db = str(tmp_path / "fb.db")
-    result = P.collect_human(cfg, cands, tmp_path / "prefs.jsonl", db, "round1", on_ready=person)
+    result = S.collect_human(cfg, cands, tmp_path / "prefs.jsonl", db, "round1", on_ready=person)
     out = capsys.readouterr().out
     assert result["rows"] == 3 and labelled[0].labels == 3
     rows = [json.loads(x) for x in (tmp_path / "prefs.jsonl").read_text().splitlines()]
