@@ -34,8 +34,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rlhfkit.config import GenConfig  # noqa: E402
-from rlhfkit.rollout import sample  # noqa: E402
+from rlhfkit.config import GenConfig
+from rlhfkit.rollout import sample
 
 FIXTURES = REPO.parent / "shared" / "data" / "cs336-fixtures"
 

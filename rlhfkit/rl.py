@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -60,7 +61,7 @@ class RolloutBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, idx: torch.Tensor | list[int]) -> "RolloutBatch":
+    def select(self, idx: torch.Tensor | list[int]) -> RolloutBatch:
         """Rows idx, same P and T."""
         idx_list = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
         index = torch.as_tensor(idx_list, dtype=torch.long, device=self.input_ids.device)
@@ -70,7 +71,7 @@ class RolloutBatch:
                        completions=[self.completions[i] for i in idx_list],
                        columns={k: [v[i] for i in idx_list] for k, v in self.columns.items()})
 
-    def to(self, device: torch.device) -> "RolloutBatch":
+    def to(self, device: torch.device) -> RolloutBatch:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
 
@@ -274,8 +275,7 @@ def format_sample_table(step: int, rows: list[dict], width: int = 100) -> str:
 def write_samples(output_dir: Path, step: int, rows: list[dict]) -> None:
     """Append the rows, tagged with the update number, to output_dir/samples.jsonl."""
     with open(Path(output_dir) / "samples.jsonl", "a", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps({"step": step, **r}, ensure_ascii=False) + "\n")
+        fh.writelines(json.dumps({"step": step, **r}, ensure_ascii=False) + "\n" for r in rows)
 
 
 def truncate_samples(output_dir: Path, step: int) -> None:

@@ -1,13 +1,13 @@
 """Sampling completions from a causal LM: batched, left-padded, stops at EOS, returns sampling log-probs.
 
-    samples = sample(model, tokenizer, prompt_ids, gen, seed=0)   # Samples(prompt_ids, completion_ids, finished, logprobs)
+    samples = sample(model, tokenizer, prompt_ids, gen, seed=0)
+    # Samples(prompt_ids, completion_ids, finished, logprobs)
 
 Two backends (`gen.backend`):
-- `fast` (default through `auto` for Llama / Mistral / Qwen2 / GPT-2 models, LoRA included): a lean decode loop in
-  this file that reuses the model's own weight tensors with a preallocated KV cache. Small models on CPU spend
-  most of HF `generate()`'s time in per-step Python (logits processors, cache objects, mask building); here one
-  step is ~20 tensor ops per layer: fused QKV and gate/up projections, RoPE with a precomputed table, an
-  in-place cache write and one `scaled_dot_product_attention`. `bench/bench_rollout.py` measures the speed-up.
+- `fast` (the default through `auto` for Llama / Mistral / Qwen2 / GPT-2 models, LoRA included): `FastDecoder`, a
+  lean decode loop in this file on the model's own weights with a preallocated KV cache. Small models on CPU spend
+  most of HF `generate()`'s time in per-step Python (modules, cache objects, mask building, logits processors);
+  here a step is ~30 tensor calls per layer (see `FastDecoder._step`). `bench/bench_rollout.py` measures it.
 - `hf`: transformers `generate()`, for every other architecture (`auto` falls back to it).
 
 Both return, per generated token, log p(token) under softmax(logits / temperature) of the *unfiltered*
@@ -20,8 +20,9 @@ len(prompt) + t, the same positions `rlhfkit.rl.forward_logprobs` uses in traini
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -163,11 +164,11 @@ def _hf_generate(model: Any, tokenizer: Any, prompts: list[list[int]], gen: GenC
     ids, mask = pad_sequences(prompts, tokenizer.pad_token_id, side="left")
     # a full GenerationConfig, so a model's own defaults (top_k=50, repetition_penalty, ...) cannot change what
     # is sampled behind the RL trainer's back
-    sampling = dict(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
+    sampling = {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p, "top_k": gen.top_k}
     config = GenerationConfig(
         max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, use_cache=True, return_dict_in_generate=True, output_logits=True,
-        **(sampling if gen.temperature > 0 else dict(do_sample=False)))
+        **(sampling if gen.temperature > 0 else {"do_sample": False}))
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
     new = out.sequences[:, ids.shape[1]:]  # (B, T)
     logits = torch.stack(out.logits, 1).float()  # (B, T, V) raw, before any processor
@@ -210,7 +211,8 @@ def fast_unsupported_reason(model: Any) -> str | None:
         return "LoRA on the embeddings is not supported"
     if kind == "gpt2":
         if cfg.scale_attn_by_inverse_layer_idx or cfg.reorder_and_upcast_attn or not cfg.scale_attn_weights:
-            return "GPT-2 attention variants (scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn) are not supported"
+            return ("GPT-2 attention variants (scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn) are not "
+                    "supported")
         return None
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     if rope.get("rope_type", "default") == "dynamic":
@@ -258,24 +260,23 @@ def _bias(biases: list, weights: list) -> torch.Tensor | None:
 
 @dataclass
 class _Layer:
+    """One block's weights as (in, out) matrices for x @ W (fused ones are contiguous copies, the others views)."""
+
     norm1: tuple | None
-    """LayerNorm (weight, bias) for GPT-2; None for RMSNorm, whose weight is folded into wqkv's columns."""
+    """LayerNorm (weight, bias) for GPT-2; None for RMSNorm, whose weight is folded into wqkv_t's rows."""
     norm2: tuple | None
-    wqkv: torch.Tensor
-    """(out, in): Llama [q; k; rot(q); rot(k); v] (RoPE folded in, see _rotate_rows), GPT-2 [q; k; v]; q rows
+    wqkv_t: torch.Tensor
+    """Llama [q, k, rot(q), rot(k), v] (RoPE folded in, see _rotate_rows), GPT-2 [q, k, v]; q columns
     pre-multiplied by the attention scale 1/sqrt(D)."""
     bqkv: torch.Tensor | None
-    wo: torch.Tensor
+    wo_t: torch.Tensor
     bo: torch.Tensor | None
-    w_in: torch.Tensor
-    """gate and up stacked (gated MLP) or c_fc."""
+    w_in_t: torch.Tensor
+    """gate and up side by side (gated MLP), or c_fc."""
     b_in: torch.Tensor | None
-    w_out: torch.Tensor
+    w_out_t: torch.Tensor
     b_out: torch.Tensor | None
     act: Callable
-
-    def __post_init__(self) -> None:
-        self.wo_t, self.w_out_t = self.wo.t(), self.w_out.t()  # (in, out) views for addmm
 
 
 def _llama_layers(inner: Any, n_heads: int, n_kv: int) -> list[_Layer]:
@@ -292,14 +293,14 @@ def _llama_layers(inner: Any, n_heads: int, n_kv: int) -> list[_Layer]:
         w_out, b_out = _linear(mlp.down_proj)
         s = (wq.shape[0] // n_heads) ** -0.5  # attention scale 1/sqrt(D), folded into the q rows
         bq, bqr = (None, None) if bq is None else (bq * s, bqr * s)
-        # RMSNorm weights folded into the columns of the next projection: (x̂ ⊙ g) Wᵀ = x̂ (W diag g)ᵀ
+        # RMSNorm weights folded into the next projection: (x̂ ⊙ g) Wᵀ = x̂ (W diag g)ᵀ
         g1, g2 = blk.input_layernorm.weight, blk.post_attention_layernorm.weight
         layers.append(_Layer(
             norm1=None, norm2=None,
-            wqkv=torch.cat([wq * s, wk, wqr * s, wkr, wv]) * g1,
-            bqkv=_bias([bq, bk, bqr, bkr, bv], [wq, wk, wqr, wkr, wv]),
-            wo=wo, bo=bo, w_in=torch.cat([wg, wu]) * g2, b_in=_bias([bg, bu], [wg, wu]), w_out=w_out,
-            b_out=b_out, act=act))
+            wqkv_t=(torch.cat([wq * s, wk, wqr * s, wkr, wv]) * g1).t().contiguous(),
+            bqkv=_bias([bq, bk, bqr, bkr, bv], [wq, wk, wqr, wkr, wv]), wo_t=wo.t(), bo=bo,
+            w_in_t=(torch.cat([wg, wu]) * g2).t().contiguous(), b_in=_bias([bg, bu], [wg, wu]),
+            w_out_t=w_out.t(), b_out=b_out, act=act))
     return layers
 
 
@@ -308,18 +309,21 @@ def _gpt2_layers(inner: Any) -> list[_Layer]:
     act = _fn_act(inner.config.activation_function, inner.transformer.h[0].mlp.act)
     for blk in inner.transformer.h:
         at, mlp = blk.attn, blk.mlp
-        wqkv, bqkv = _linear(at.c_attn, conv1d=True)
+        wqkv, bqkv = _linear(at.c_attn, conv1d=True)  # (out, in) view of the (in, out) Conv1D weight
         n = wqkv.shape[1]  # hidden size: rows [0, n) are q
         scale = torch.ones(wqkv.shape[0], dtype=wqkv.dtype, device=wqkv.device)
         scale[:n] = (n // inner.config.n_head) ** -0.5  # attention scale 1/sqrt(D), folded into the q rows
         wqkv, bqkv = wqkv * scale[:, None], None if bqkv is None else bqkv * scale
-        wo, bo = _linear(at.c_proj, conv1d=True)
-        w_in, b_in = _linear(mlp.c_fc, conv1d=True)
-        w_out, b_out = _linear(mlp.c_proj, conv1d=True)
+        (wo, bo), (w_in, b_in), (w_out, b_out) = (_linear(m, conv1d=True) for m in (at.c_proj, mlp.c_fc, mlp.c_proj))
         layers.append(_Layer(norm1=(blk.ln_1.weight, blk.ln_1.bias), norm2=(blk.ln_2.weight, blk.ln_2.bias),
-                             wqkv=wqkv, bqkv=bqkv, wo=wo, bo=bo, w_in=w_in, b_in=b_in, w_out=w_out, b_out=b_out,
-                             act=act))
+                             wqkv_t=wqkv.t().contiguous(), bqkv=bqkv, wo_t=wo.t(), bo=bo, w_in_t=w_in.t(),
+                             b_in=b_in, w_out_t=w_out.t(), b_out=b_out, act=act))
     return layers
+
+
+def _mm(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x @ w_t (+ b) for x (N, in), w_t (in, out)."""
+    return torch.mm(x, w_t) if b is None else torch.addmm(b, x, w_t)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -396,7 +400,7 @@ class FastDecoder:
         return out if b is None else out.add_(b)
 
     def _mlp_block(self, ly: _Layer, h: torch.Tensor) -> torch.Tensor:
-        x = F.linear(self._norm(h, ly.norm2), ly.w_in, ly.b_in)
+        x = _mm(self._norm(h, ly.norm2), ly.w_in_t, ly.b_in)
         if self.wpe is None:
             gate, up = x.chunk(2, dim=-1)
             x = ly.act(gate).mul_(up)
@@ -415,7 +419,7 @@ class FastDecoder:
         else:
             cos, sin = self.cos[pos].flatten(0, 1).unsqueeze(1), self.sin[pos].flatten(0, 1).unsqueeze(1)
         for ly, (k_w, _, v_w, _) in zip(self.layers, caches):
-            q, k, v, q_rot, k_rot = self._split(F.linear(self._norm(h, ly.norm1), ly.wqkv, ly.bqkv))
+            q, k, v, q_rot, k_rot = self._split(_mm(self._norm(h, ly.norm1), ly.wqkv_t, ly.bqkv))
             if q_rot is not None:  # q·cos + rotate_half(q)·sin (HF apply_rotary_pos_emb)
                 q, k = torch.addcmul(q * cos, q_rot, sin), torch.addcmul(k * cos, k_rot, sin)
             k_w[..., :P] = k.unflatten(0, (B, P)).permute(0, 2, 3, 1)  # (B, Hkv, D, P)
@@ -441,7 +445,7 @@ class FastDecoder:
         if sin is None:
             h = h + cos
         for ly, (k_w, keys, v_w, values) in zip(self.layers, caches):
-            q, k, v, q_rot, k_rot = self._split(F.linear(self._norm(h, ly.norm1), ly.wqkv, ly.bqkv))
+            q, k, v, q_rot, k_rot = self._split(_mm(self._norm(h, ly.norm1), ly.wqkv_t, ly.bqkv))
             if q_rot is not None:
                 q = torch.addcmul(q * cos, q_rot, sin)  # (B, Hq, D) contiguous
                 torch.addcmul(k * cos, k_rot, sin, out=k_w.select(3, t))

@@ -70,7 +70,7 @@ class FunctionScorer:
             return call_scorer(self.fn, prompts, completions, columns, what=f"reward.function {self.spec}")
         except UserError:
             raise
-        except Exception as err:  # the user's code failed: name it, one line, no traceback
+        except Exception as err:  # noqa: BLE001 (the user's code failed: name it, one line, no traceback)
             raise UserError(f"reward.function {self.spec}: raised {type(err).__name__}: {err}") from None
 
 

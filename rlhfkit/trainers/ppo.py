@@ -256,7 +256,10 @@ def main(cfg: PPOConfig, argv: list[str] | None = None) -> dict:
         done = step + 1
         elapsed = time.perf_counter() - t0
         n_tokens = int(mask.sum())
-        mean = lambda key: sum(s[key] for s in stats) / len(stats)  # noqa: E731
+
+        def mean(key: str, stats=stats) -> float:
+            return sum(s[key] for s in stats) / len(stats)
+
         metrics = {
             "objective/score": float(raw.mean()),
             "objective/score_shaped": float(scores.mean()),
@@ -334,7 +337,8 @@ def train_minibatch(cfg: PPOConfig, batch: R.RolloutBatch, mb: list[int], policy
         share = int(m.sum()) / max(1, n_tokens)
         acc["loss_policy"] += pg_loss.item()
         acc["loss_value"] += vf_loss.item()
-        for key, val in (("clipfrac", pg["clipfrac"]), ("approx_kl", pg["approx_kl"]), ("vf_clipfrac", vf["vf_clipfrac"])):
+        for key, val in (("clipfrac", pg["clipfrac"]), ("approx_kl", pg["approx_kl"]),
+                         ("vf_clipfrac", vf["vf_clipfrac"])):
             acc[key] += float(val) * share
         acc["ratio_min"] = min(acc["ratio_min"], float(pg["ratio_min"]))
         acc["ratio_max"] = max(acc["ratio_max"], float(pg["ratio_max"]))
