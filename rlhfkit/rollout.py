@@ -20,6 +20,7 @@ len(prompt) + t, the same positions `rlhfkit.rl.forward_logprobs` uses in traini
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,14 +56,16 @@ def sample(model: Any, tokenizer: Any, prompt_ids: list[list[int]], gen: GenConf
            progress: Any = None) -> Samples:
     """Sample one completion per entry of prompt_ids (repeat prompts for several samples), gen.batch_size at a time.
 
-    With a seed the result depends only on (weights, prompts, gen, seed); the caller's global RNG is left as it was.
+    With a seed the result depends only on (weights, prompts, gen, seed) and the caller's global RNG is left as it
+    was; without one, sampling draws from (and advances) the global RNG.
     """
     backend = resolve_backend(model, gen.backend)
     was_training = model.training
     model.eval()
     completions, finished, logprobs = [], [], []
+    rng = torch.random.fork_rng(devices=_cuda_devices(model)) if seed is not None else contextlib.nullcontext()
     try:
-        with torch.random.fork_rng(devices=_cuda_devices(model)):
+        with rng:
             if seed is not None:
                 torch.manual_seed(seed)
             engine = FastDecoder(model) if backend == "fast" else None

@@ -199,6 +199,9 @@ def test_seed_determinism_and_caller_rng_untouched(stories):
     c = sample(stories, TOK, prompts, gen, seed=8)
     assert a.completion_ids == b.completion_ids and a.logprobs == b.logprobs
     assert a.completion_ids != c.completion_ids
+    # without a seed, successive calls draw fresh samples from the global RNG
+    d, e = sample(stories, TOK, prompts, gen), sample(stories, TOK, prompts, gen)
+    assert d.completion_ids != e.completion_ids and not torch.equal(torch.get_rng_state(), before)
 
 
 def test_backend_resolution_and_hf_fallback():
