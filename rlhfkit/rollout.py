@@ -338,9 +338,12 @@ class FastDecoder:
 
     Built once per `sample()` call: fused projections and LoRA merges are computed then, so it always decodes with
     the current weights. `generate(prompts, gen, eos, pad)` -> (completions, finished, logprobs).
-    The prompt is run once through `_prefill` (SDPA with a causal + padding mask); each new token then goes through
-    `_step`, which works on (B, H) rows: ~14 compute ops per layer (attention is two small matmuls and a softmax
-    over the cache; SDPA's fused CPU kernel costs more than that at one query per row).
+    The prompt goes once through `_prefill` (SDPA with a causal + padding mask); each new token through `_step`,
+    on (B, H) rows. Weight folding done at build time, so no decode step pays for it:
+      - q, k, rotate_half(q), rotate_half(k), v come out of one matrix product (`_rotate_rows`), so RoPE is
+        q·cos + q_rot·sin (two elementwise ops) with cos/sin rows gathered once per generate call;
+      - the attention scale 1/sqrt(D) sits in the q columns, RMSNorm weights in the next projection's rows;
+      - residual adds are fused into addmm.
     """
 
     def __init__(self, model: Any):

@@ -22,6 +22,7 @@ rollout scoring and training use the same forward (PITFALLS 2).
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -256,10 +257,7 @@ def main(cfg: PPOConfig, argv: list[str] | None = None) -> dict:
         done = step + 1
         elapsed = time.perf_counter() - t0
         n_tokens = int(mask.sum())
-
-        def mean(key: str, stats=stats) -> float:
-            return sum(s[key] for s in stats) / len(stats)
-
+        mean = functools.partial(_mean, stats)
         metrics = {
             "objective/score": float(raw.mean()),
             "objective/score_shaped": float(scores.mean()),
@@ -306,6 +304,10 @@ def main(cfg: PPOConfig, argv: list[str] | None = None) -> dict:
     else:
         print(f"ppo: stopped at update {end} of {cfg.train.steps}; continue with --resume")
     return result
+
+
+def _mean(stats: list[dict], key: str) -> float:
+    return sum(s[key] for s in stats) / len(stats)
 
 
 def train_minibatch(cfg: PPOConfig, batch: R.RolloutBatch, mb: list[int], policy, value_model,
