@@ -30,7 +30,8 @@ def _analyzer() -> Any:
     try:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ImportError:
-        raise UserError("rlhfkit.gold.sentiment needs the package vaderSentiment (pip install vaderSentiment)") from None
+        raise UserError("rlhfkit.gold.sentiment needs the package vaderSentiment (pip install vaderSentiment)"
+                        ) from None
     return SentimentIntensityAnalyzer()
 
 

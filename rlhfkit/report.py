@@ -62,14 +62,15 @@ class Report:
     def paragraph(self, text: str, cls: str = "") -> None:
         self.parts.append(f'<p{f" class={chr(34)}{cls}{chr(34)}" if cls else ""}>{esc(text)}</p>')
 
-    def table(self, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    def table(self, header: Sequence[str] | None, rows: Sequence[Sequence[Any]]) -> None:
+        """header None: no header row."""
+        head = "".join(f"<th>{esc(h)}</th>" for h in header or ())
         body = []
         for row in rows:
             cells = "".join(f'<td class="num">{esc(fmt(c))}</td>' if isinstance(c, (int, float)) and
                             not isinstance(c, bool) else f"<td>{esc(fmt(c))}</td>" for c in row)
             body.append(f"<tr>{cells}</tr>")
-        self.parts.append(f"<table><tr>{head}</tr>{''.join(body)}</table>")
+        self.parts.append(f"<table>{f'<tr>{head}</tr>' if head else ''}{''.join(body)}</table>")
 
     def figure(self, fig: Any, caption: str = "") -> None:
         """Embed a matplotlib Figure as a base64 PNG."""
@@ -269,11 +270,9 @@ def pipeline_report(data: dict) -> str:
     if "distinct_2_before" in s:
         head.append(["distinct-2, base → tuned", f"{s['distinct_2_before']:.3f} → {s['distinct_2_after']:.3f}"])
     head.append(["wall time", f"{s['seconds']:.0f} s"])
-    rep.table(["", ""], head)
+    rep.table(None, head)
     for line in data.get("notes", []):
         rep.paragraph(line, "muted")
-    rep.heading("All numbers (summary.json)", 3)
-    rep.table(["key", "value"], [[k, v] for k, v in s.items() if isinstance(v, (int, float, str))])
     if data.get("stages"):
         rep.heading("Stages", 3)
         rep.table(["stage", "seconds", "status"], [[st["name"], round(st["seconds"], 1), st.get("status", "")]
@@ -310,8 +309,8 @@ def pipeline_report(data: dict) -> str:
         rep.figure(overoptimisation_figure([o["kl"] for o in over], [o["gold"] for o in over],
                                            [o["proxy"] for o in over], data.get("gold_label", "gold score"),
                                            "reward-model score"),
-                   "Each point is the base policy or an RL checkpoint, sampled on held-out prompts: its mean gold score "
-                   "and reward-model score against its KL to the base. While both rise the learned reward is a good "
+                   "Each point is the base policy or an RL checkpoint, sampled on held-out prompts: its mean gold "
+                   "score and reward-model score against its KL to the base. While both rise the learned reward is a good "
                    "proxy; a reward-model score that keeps rising while the gold score stalls or falls is "
                    "overoptimisation (Gao et al., 2022, Scaling Laws for Reward Model Overoptimization).")
     elif data.get("overopt_note"):
@@ -322,4 +321,6 @@ def pipeline_report(data: dict) -> str:
         rep.heading("Held-out evaluation: tuned vs base")
         _eval_section(rep, data["eval"], data.get("eval_rows", []), data.get("samples_shown", 12),
                       {"function": data.get("gold_label", "gold score")})
+    rep.heading("All numbers (summary.json)")
+    rep.table(["key", "value"], [[k, v] for k, v in s.items() if isinstance(v, (int, float, str))])
     return rep.html()

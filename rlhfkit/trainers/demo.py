@@ -38,6 +38,8 @@ class DemoConfig(PipelineConfig):
     The web app's URL and a login are printed; training starts when every pair is labelled."""
     open: bool = False
     """Print the report's path and file:// URL at the end (the report is one self-contained HTML file)."""
+    # `--open` / `--human` on the command line = open=true / human=true, once rlhfkit.config.parse_cli reads `flags`
+    flags = ("open", "human")
 
     def validate(self) -> None:
         if self.method and self.method not in ("ppo", "grpo", "rloo", "dpo"):
