@@ -99,6 +99,22 @@ def fit_linear(*, pair_diff: np.ndarray | None = None, pair_target: np.ndarray |
                  "grad_norm": float(final.grad.norm())}
     return w.numpy(), (b if has_ratings else 0.0), stats
 
+def choose_l2(diff: np.ndarray, target: np.ndarray, margin: np.ndarray, grid: list[float], max_iter: int,
+              seed: int, folds: int = 5) -> tuple[float, dict[float, float]]:
+    """The l2 of `grid` with the lowest mean held-out BT loss over `folds` seeded folds of the training pairs."""
+    fold_of = np.random.default_rng(seed + 2).permutation(len(diff)) % folds
+    scores = {}
+    for l2 in grid:
+        losses = []
+        for k in range(folds):
+            tr, te = fold_of != k, fold_of == k
+            w, _, _ = fit_linear(pair_diff=diff[tr], pair_target=target[tr], pair_margin=margin[tr], l2=l2,
+                                 max_iter=max_iter)
+            t = (torch.as_tensor(a[te], dtype=torch.float64) for a in (diff, target, margin))
+            losses.append(float(bt_objective(torch.as_tensor(w), *t)))
+        scores[float(l2)] = float(np.mean(losses))
+    return min(scores, key=scores.get), scores
+
 
 class LinearRewardModel:
     """R(prompt, completion) = (wᵀ(φ − μ)/σ + b − shift) / scale, φ from a cached feature extractor."""
