@@ -310,8 +310,8 @@ def pipeline_report(data: dict) -> str:
                                            [o["proxy"] for o in over], data.get("gold_label", "gold score"),
                                            "reward-model score"),
                    "Each point is the base policy or an RL checkpoint, sampled on held-out prompts: its mean gold "
-                   "score and reward-model score against its KL to the base. While both rise the learned reward is a good "
-                   "proxy; a reward-model score that keeps rising while the gold score stalls or falls is "
+                   "score and reward-model score against its KL to the base. While both rise the learned reward is "
+                   "a good proxy; a reward-model score that keeps rising while the gold score stalls or falls is "
                    "overoptimisation (Gao et al., 2022, Scaling Laws for Reward Model Overoptimization).")
     elif data.get("overopt_note"):
         rep.heading("Gold score vs learned reward as KL grows")

@@ -34,8 +34,9 @@ class DemoConfig(PipelineConfig):
     method: str = ""
     """Shortcut for rl.method: ppo, grpo, rloo or dpo (empty keeps rl.method)."""
     human: bool = False
-    """Shortcut for annotate.source=human with a human-sized task: 32 prompts x 2 continuations, one label each.
-    The web app's URL and a login are printed; training starts when every pair is labelled."""
+    """Shortcut for annotate.source=human with a human-sized task: 32 prompts x 2 continuations, one label each,
+    asking which is happier and kinder. The web app's URL and a login are printed; training starts when every pair
+    is labelled; the gold function (annotate.preference) still judges the result."""
     open: bool = False
     """Print the report's path and file:// URL at the end (the report is one self-contained HTML file)."""
     # `--open` / `--human` on the command line = open=true / human=true, once rlhfkit.config.parse_cli reads `flags`
@@ -47,8 +48,10 @@ class DemoConfig(PipelineConfig):
         super().validate()
 
 
-HUMAN_TASK = {"generate.prompts_per_round": 32, "generate.num_samples": 2, "annotate.k": 1}
-"""What human=true changes: a task a person finishes in a few minutes."""
+HUMAN_TASK = {"generate.prompts_per_round": 32, "generate.num_samples": 2, "annotate.k": 1,
+              "annotate.instructions": "Which continuation of the story is happier and kinder?"}
+"""What human=true changes: a task a person finishes in a few minutes, with the demo's criterion spelt out (the
+gold function still judges the result: eval.judge defaults to annotate.preference)."""
 
 DPO_ARGS = {"train.steps": 120, "train.batch_size": 16, "train.micro_batch_size": 16, "train.beta": 0.1,
             "optim.lr": 5e-4, "train.precompute_ref_logprobs": True}
@@ -67,6 +70,7 @@ def apply_shortcuts(cfg: DemoConfig) -> DemoConfig:
         cfg.annotate.source = "human"
         for key, value in HUMAN_TASK.items():
             set_key(cfg, key, value, from_cli=False)
+        cfg.eval.judge = cfg.eval.judge or cfg.annotate.preference
     validate_tree(cfg)
     return cfg
 

@@ -90,6 +90,8 @@ class AnnotateStage:
     """source=human: the annotator account created (a fresh password is printed each run)."""
     wait_seconds: float = 0.0
     """source=human: stop waiting after this long and train on the labels so far; 0 waits for every item."""
+    instructions: str = "Which continuation of the story is better?"
+    """source=human: the question shown on the labelling page."""
 
 
 @dataclass

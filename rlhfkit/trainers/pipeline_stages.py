@@ -170,7 +170,7 @@ def collect_human(cfg: PipelineConfig, candidates: Path, out: Path, db: str, pro
     a = cfg.annotate
     with LocalServer(db, host=a.host, port=a.port) as server:
         server.create_project(project, kinds=["pairwise"], k=a.k, gold_rate=0.0,
-                              instructions="Which continuation of the story is better?")
+                              instructions=a.instructions)
         imported = server.import_file(project, str(candidates), pairs=a.pairs)
         store = server.store
         password = secrets.token_urlsafe(9)

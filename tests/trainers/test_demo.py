@@ -183,7 +183,8 @@ def test_shortcuts():
     cfg = demo.apply_shortcuts(load_config(demo.DemoConfig, None, {"method": "dpo", "human": True}))
     assert cfg.rl.method == "dpo" and cfg.rl.args == demo.DPO_ARGS
     assert cfg.annotate.source == "human" and cfg.generate.prompts_per_round == 32
-    assert cfg.generate.num_samples == 2 and cfg.annotate.k == 1
+    assert cfg.generate.num_samples == 2 and cfg.annotate.k == 1 and "happier" in cfg.annotate.instructions
+    assert cfg.eval.judge == "rlhfkit.gold:sentiment"  # the gold still judges what people taught
     own = demo.apply_shortcuts(load_config(demo.DemoConfig, None, {"method": "dpo", "rl.args": {"train.steps": 3}}))
     assert own.rl.args == {"train.steps": 3}  # the user's own DPO args are kept
     from rlhfkit.errors import UserError
