@@ -36,7 +36,7 @@ from rlhfkit.core.losses import dpo_loss
 from rlhfkit.data import load_preferences
 from rlhfkit.data.collate import pad_sequences, position_ids_from_mask
 from rlhfkit.errors import UserError, exact_div
-from rlhfkit.trainers.rm import split_pairs
+from rlhfkit.reward.data import split_pairs  # the same held-out pairs as `rlhfkit rm train`
 from rlhfkit.trainers.sft import _load_weights, sample_order, save_final
 
 STAT_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -368,21 +368,24 @@ def main(cfg: DPOConfig, argv: list[str] | None = None) -> dict:
         return int(orders[epoch][pos])
 
     bar = U.progress(t.steps, "dpo", cfg.run.progress, initial=start_step)
-    pairs_seen, t0, last = 0, time.perf_counter(), {}
+    pairs_seen, train_seconds, t0, last = 0, 0.0, time.perf_counter(), {}
     model.train()
     for step in range(start_step, end_step):
+        started = time.perf_counter()
         index = [sample_index(k) for k in range(step * B, (step + 1) * B)]  # resumable from the step alone
-        sums = dict.fromkeys(("loss/train",) + STAT_KEYS, 0.0)
+        sums: dict[str, torch.Tensor | float] = dict.fromkeys(("loss/train",) + STAT_KEYS, 0.0)
         for i in range(0, B, micro):
             loss, stats = pair_loss(model, ref, "train", index[i: i + micro], train_data, batcher, t)
             (loss * (micro / B)).backward()  # micro-batch means weighted micro/B sum to the full-batch mean
             for key, value in {"loss/train": loss.detach(), **stats}.items():
-                sums[key] += float(value) * micro / B
+                sums[key] = sums[key] + value * (micro / B)
         grad_norm = U.clip_and_step(params, optimizer, scheduler, cfg.optim.max_grad_norm)
+        sums = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # one device sync per step
         if not math.isfinite(sums["loss/train"]):
             raise FloatingPointError(f"step {step + 1}: loss is {sums['loss/train']}")
         done, pairs_seen = step + 1, pairs_seen + B
-        speed = pairs_seen / max(1e-9, time.perf_counter() - t0)
+        train_seconds += time.perf_counter() - started
+        speed = pairs_seen / max(1e-9, train_seconds)  # training only: eval and checkpoints excluded
         bar.update(1)
         bar.set_postfix(loss=f"{sums['loss/train']:.3f}", acc=f"{sums['rewards/accuracies']:.2f}",
                         pairs_s=f"{speed:.1f}")
