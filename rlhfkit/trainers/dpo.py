@@ -1,6 +1,7 @@
 """Direct preference optimisation (DPO, IPO, conservative and robust DPO) on preference pairs, no reward model.
 
-    rlhfkit dpo model.name=stories260k data.train=bundled:hh_helpful_pairs.jsonl.gz run.output_dir=runs/dpo
+    rlhfkit dpo model.name=stories260k data.train=bundled:tinystories_fluency_pairs.jsonl.gz run.output_dir=runs/dpo
+    rlhfkit dpo model.name=HUB_ID_OR_FOLDER data.train=hh-rlhf/train.jsonl.gz run.output_dir=runs/dpo_hh
     rlhfkit dpo ... train.loss_type=ipo train.beta=0.5                  # IPO (length-averaged log-probs)
     rlhfkit dpo ... model.lora_r=8                                      # reference = the base, adapter off
     rlhfkit dpo --config runs/dpo/config.yaml --resume                  # continue an interrupted run

@@ -199,6 +199,17 @@ def test_ties_and_both_bad_are_skipped_and_counted(tmp_path, jsonl):
         dpo(tmp_path, f"data.train={only_ties}", "train.steps=1")
 
 
+def test_hh_transcripts_and_conversations_train(tmp_path, jsonl):
+    hh = {"chosen": "\n\nHuman: Tell me a story.\n\nAssistant: Once upon a time there was a cat.",
+          "rejected": "\n\nHuman: Tell me a story.\n\nAssistant: No."}
+    chat = {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, friend!"}],
+            "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go."}]}
+    path = jsonl([hh, chat] * 2)
+    _, result = dpo(tmp_path, f"data.train={path}", "train.steps=2", "train.batch_size=2", "train.micro_batch_size=1")
+    assert result["step"] == 2 and math.isfinite(result["loss/train"])
+    assert rows(tmp_path)[0]["loss/train"] == pytest.approx(LOG2, abs=1e-5)
+
+
 def test_truncation_keeps_prompt_end_and_fits_max_length(tok):
     pair = load_preferences(TRAIN).pairs[0]
     (p, c, r), = tokenize_pairs([pair], tok, 512)[0]
