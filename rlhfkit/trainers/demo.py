@@ -54,7 +54,7 @@ HUMAN_TASK = {"generate.prompts_per_round": 32, "generate.num_samples": 2, "anno
 gold function still judges the result: eval.judge defaults to annotate.preference)."""
 
 DPO_ARGS = {"train.steps": 120, "train.batch_size": 16, "train.micro_batch_size": 16, "train.beta": 0.1,
-            "optim.lr": 5e-4, "train.precompute_ref_logprobs": True}
+            "optim.lr": 1e-4, "train.precompute_ref_logprobs": True}
 """rl.args for method=dpo when rl.args is still the PPO default."""
 
 

@@ -1,8 +1,7 @@
 """Compare two policies on held-out prompts: win rate judged by a Python function and/or a reward model, mean
 score, KL to a reference policy, distinct-n diversity, length, and chrF/BLEU against references (translation).
 
-    rlhfkit eval a.model=runs/ppo/model b.model=stories260k judge.function=rlhfkit.gold:sentiment \
-        data.prompts=bundled:tinystories_eval_prompts.jsonl output=runs/eval/eval.json
+    rlhfkit eval a.model=runs/ppo/model b.model=stories260k judge.function=rlhfkit.gold:sentiment output=e.json
     rlhfkit eval a.model=runs/ppo/model b.model=stories260k judge.model=runs/rm      # a reward model judges
     rlhfkit eval a.samples=tuned.jsonl b.samples=base.jsonl judge.function=my.py:score output=out.json
 

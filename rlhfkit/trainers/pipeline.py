@@ -192,6 +192,10 @@ VOLATILE = {"progress", "threads", "resume", "device", "log_every", "save_every"
             "stop_after_steps", "eval_every", "sample_every", "num_samples_shown", "batch_size_eval", "cache_dir"}
 
 
+SIMULATE_KEYS = ("source", "preference", "crowd", "k", "temperature", "length_bias", "position_bias", "pairs")
+"""The annotate keys that change simulated labels (the others only concern people or files)."""
+
+
 def _strip(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _strip(v) for k, v in obj.items() if str(k).split(".")[-1] not in VOLATILE}
@@ -284,8 +288,9 @@ def run_pipeline(cfg: PipelineConfig, argv: list[str] | None = None, on_human_re
                        lambda resume, p=policy, pf=prompts_file, c=cands, s=cfg.run.seed * 1000 + r:
                        S.run_generate(cfg, p, pf, c, s))
             a = cfg.annotate
-            ann_fp = fingerprint("annotate", {"a": to_dict(a), "seed": cfg.run.seed} if a.source == "simulate"
-                                 else {"source": "human", "k": a.k, "pairs": a.pairs}, [gen_fp])
+            ann_fp = fingerprint("annotate", {**{k: getattr(a, k) for k in SIMULATE_KEYS}, "seed": cfg.run.seed}
+                                 if a.source == "simulate" else {"source": "human", "k": a.k, "pairs": a.pairs},
+                                 [gen_fp])
             # people's labels are kept under one project name per round whatever the settings; simulated ones
             # are redone when the crowd's settings change
             project = f"round{r}" if a.source == "human" else f"round{r}-{ann_fp[:8]}"
