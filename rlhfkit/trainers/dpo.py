@@ -8,13 +8,11 @@
 
 Data: any preference format (rlhfkit.data.formats; Anthropic HH .jsonl.gz as is, conversations). DPO has no use
 for pairs without an order: `tie` and `both_bad` pairs are skipped and counted, `margin` is not used.
-A step: each micro-batch of n pairs goes through ONE policy forward pass, by default as n packed rows
-[prompt, chosen, rejected] in which the rejected tokens cannot see the chosen ones (the prompt is computed once;
-train.share_prompt=false uses 2n rows prompt + chosen / prompt + rejected). Rows are left-padded with position ids
-from the mask, logits are made only for completion positions, and the policy's completion-token log-probs are
-summed (averaged for IPO). The frozen reference's come from a no-grad pass of the same layout (or a table computed
-once up front, train.precompute_ref_logprobs), and rlhfkit.core.losses.dpo_loss gives the loss and the implicit
-rewards r = β(log π(y) - log π_ref(y)). The final model is saved in `output_dir/model`.
+A step: n pairs go through ONE policy forward as n packed rows [prompt, chosen, rejected] (rejected tokens cannot
+see chosen ones, so the prompt is computed once; train.share_prompt=false: 2n rows), left-padded, logits only at
+completion positions; log-probs are summed over completion tokens (averaged for IPO); the frozen reference scores
+the same rows without grad (or once up front: train.precompute_ref_logprobs); core.losses.dpo_loss gives the loss
+and the implicit rewards r = β(log π(y) - log π_ref(y)). Explained in docs/dpo.md.
 """
 
 from __future__ import annotations
@@ -191,10 +189,8 @@ def make_batch(items: list[tuple[list, list, list]], pad_id: int, packed: bool, 
     lengths = torch.cat([C, R], dim=1)  # (n, 2)
     if not packed:
         ids, attn = pad_sequences([p + c for p, c, _ in items] + [p + r for p, _, r in items], pad_id, side="left")
-        K = int(lengths.max())
-        k = torch.arange(K).unsqueeze(0)  # (1, K)
-        n = len(items)
-        completion = k >= K - torch.cat([C, R])  # (2n, K)
+        K, n = int(lengths.max()), len(items)
+        completion = torch.arange(K).unsqueeze(0) >= K - torch.cat([C, R])  # (2n, K)
         is_chosen = (torch.arange(2 * n) < n).unsqueeze(1)  # (2n, 1)
         return PairBatch(ids, attn, position_ids_from_mask(attn), completion & is_chosen, completion & ~is_chosen,
                          None, lengths).to(device)
