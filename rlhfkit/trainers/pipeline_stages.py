@@ -109,8 +109,9 @@ class LabelProgress:
     def _poll(self) -> None:
         from rlhfkit.annotate.store import Store
 
-        store = None
-        while not self.stop.wait(1.0):
+        store, stopping = None, False
+        while not stopping:
+            stopping = self.stop.wait(1.0)  # one more count after the stop: the bar ends at the true total
             try:
                 store = store or Store(self.db, create=False, pool_size=1)
                 n = store.count_labels(project_id=store.get_project(name=self.project).id)
@@ -133,7 +134,8 @@ class LabelProgress:
 
 
 def n_pairs(n: int, pairs: str) -> int:
-    return n * (n - 1) // 2 if pairs == "all" else n - 1 if pairs == "adjacent" else 1
+    """Items the feedback app makes from n different completions of one prompt."""
+    return n * (n - 1) // 2 if pairs == "all" else max(0, n - 1) if pairs == "adjacent" else int(n > 1)
 
 
 def run_annotate(cfg: PipelineConfig, candidates: Path, out: Path, db: str, project: str,
@@ -141,7 +143,8 @@ def run_annotate(cfg: PipelineConfig, candidates: Path, out: Path, db: str, proj
     from rlhfkit.data import read_records
 
     a = cfg.annotate
-    total = len(read_records(str(candidates))) * n_pairs(cfg.generate.num_samples, a.pairs) * a.k
+    rows = read_records(str(candidates))
+    total = a.k * sum(n_pairs(len(set(map(str, r.data["completions"]))), a.pairs) for r in rows)
     if a.source == "human":
         return collect_human(cfg, candidates, out, db, project, on_ready)
     from rlhfkit.annotate.api import collect_preferences
