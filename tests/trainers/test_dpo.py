@@ -163,12 +163,14 @@ def test_gradient_accumulation_equals_full_batch(tmp_path):
     assert la == pytest.approx(lb, abs=1e-5)
 
 
-def test_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("extra", ["train.share_prompt=true", "model.lora_r=4"])
+def test_resume_is_bit_identical(tmp_path, extra):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    dpo(straight, "train.steps=4", "train.batch_size=4", "train.micro_batch_size=2")
-    dpo(stopped, "train.steps=4", "train.batch_size=4", "train.micro_batch_size=2", "run.stop_after_steps=2")
+    args = ["train.steps=4", "train.batch_size=4", "train.micro_batch_size=2", extra]
+    dpo(straight, *args)
+    dpo(stopped, *args, "run.stop_after_steps=2")
     assert not (stopped / "model").exists() and U.latest_checkpoint(stopped).name == "step-0000002"
-    dpo(stopped, "train.steps=4", "train.batch_size=4", "train.micro_batch_size=2", "run.resume=true")
+    dpo(stopped, *args, "run.resume=true")
     a, b = load_file(straight / "model" / "model.safetensors"), load_file(stopped / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in rows(stopped)] == [1, 2, 3, 4]
