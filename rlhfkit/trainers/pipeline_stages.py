@@ -243,9 +243,9 @@ def rm_gold_check(rcfg: Any, folder: Path, gold: Callable) -> dict:
     crowd's label did, and (gold, rm) scores of the held-out completions for the report's scatter plot."""
     from rlhfkit.plugins import call_scorer
     from rlhfkit.reward import load_reward_model
-    from rlhfkit.trainers import rm as RMT
+    from rlhfkit.reward.data import load_rm_data
 
-    pairs = RMT.load_rm_data(rcfg).eval_pairs
+    pairs = load_rm_data(rcfg).eval_pairs  # the split rm train held out (same data keys, same split_seed)
     if not pairs:
         return {}
     rm = load_reward_model(folder, cache=True)
