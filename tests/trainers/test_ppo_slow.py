@@ -2,7 +2,8 @@
 from a positive-word list (tests/fixtures/positive_reward.py) with the default hyperparameters, while the KL to the
 reference stays bounded; every trainable parameter changes and the saved policy reloads and samples.
 
-Recorded figures (docs/ppo.md): the mean score goes from 0.055 at update 1 to about 0.14 at update 12.
+Measured (docs/ppo.md): the mean score goes from 0.055 at update 1 to 0.13 over the last three of 12 updates,
+KL at most 3.5 nats per sequence; 50 s on 1 thread of the shared 2-core machine.
 """
 
 from __future__ import annotations
