@@ -41,7 +41,7 @@ COMMANDS: dict[str, tuple] = {
     "demo": ("The whole RLHF loop on bundled defaults, with an HTML report (no arguments needed)",
              "rlhfkit.trainers.demo", "DemoConfig"),
     "pipeline": ("Run the RLHF loop from one YAML: sft, generate, annotate, rm, ppo|grpo|rloo|dpo, eval, rounds",
-                 "rlhfkit.trainers.pipeline", "PipelineCLI"),
+                 "rlhfkit.trainers.pipeline", "PipelineConfig"),
     "eval": ("Win rate, mean score, KL, diversity, length, chrF/BLEU of policy A vs B; JSON + HTML report",
              "rlhfkit.trainers.evaluate", "EvalConfig"),
     "rm": ("Train, evaluate and apply reward models", {

@@ -402,12 +402,16 @@ def help_text(cls: type, prog: str, description: str = "") -> str:
     positional = getattr(cls, "positional", ())
     if positional:
         lines[0] = f"usage: {prog} {' '.join(p.upper() for p in positional)} [--config FILE] [key=value ...]"
+    if getattr(cls, "config_positional", False):
+        lines[0] = f"usage: {prog} CONFIG.yaml [--print-config] [--resume] [key=value ...]"
+    flags = getattr(cls, "flags", ())
     if description:
         lines += [description.strip(), ""]
     lines += ["options:",
               "  --config FILE     read keys from a YAML file (CLI key=value overrides it)",
               "  --print-config    print the resolved config as YAML and exit",
               "  --resume          continue from the newest checkpoint in run.output_dir (if the stage has one)",
+              *[f"  --{f:<16}same as {f}=true" for f in flags],
               "", "keys (key=value; dotted keys reach nested sections):"]
 
     def walk(klass: type, obj: Any, prefix: str) -> None:
@@ -425,15 +429,22 @@ def help_text(cls: type, prog: str, description: str = "") -> str:
 
 
 def parse_cli(cls: type, argv: list[str], prog: str, description: str = "") -> Any:
-    """Parse `argv` into a validated `cls`. Handles --help, --config, --print-config, --resume."""
+    """Parse `argv` into a validated `cls`. Handles --help, --config, --print-config, --resume.
+
+    A config class may declare `positional = ("key", ...)` (bare arguments fill those keys), `config_positional =
+    True` (the bare argument is the YAML file, as in `rlhfkit pipeline recipe.yaml`) and `flags = ("name", ...)`
+    (`--name` means name=true)."""
     yaml_path, overrides, positional_values = None, [], []
     print_config, resume = False, False
+    flags = set(getattr(cls, "flags", ()))
     it = iter(argv)
     for arg in it:
         if arg in ("-h", "--help"):
             print(help_text(cls, prog, description))
             raise SystemExit(0)
         if arg == "--config" or arg.startswith("--config="):
+            if yaml_path:
+                raise UserError("give one config file (--config or the positional file), not two")
             yaml_path = arg.split("=", 1)[1] if "=" in arg else next(it, None)
             if not yaml_path:
                 raise UserError("--config needs a file path")
@@ -441,10 +452,14 @@ def parse_cli(cls: type, argv: list[str], prog: str, description: str = "") -> A
             print_config = True
         elif arg == "--resume":
             resume = True
+        elif arg.startswith("--") and arg[2:].replace("-", "_") in flags:
+            overrides.append(f"{arg[2:].replace('-', '_')}=true")
         elif arg.startswith("-"):
             raise UserError(f"unknown option {arg!r}; see {prog} --help")
         elif "=" in arg:
             overrides.append(arg)
+        elif getattr(cls, "config_positional", False) and yaml_path is None:
+            yaml_path = arg
         else:
             positional_values.append(arg)
     positional = list(getattr(cls, "positional", ()))

@@ -1,9 +1,9 @@
 """The main job on bundled defaults: the whole RLHF loop on the bundled stories260K model, offline, on a CPU.
 
     rlhfkit demo                                   # writes runs/demo/report.html and runs/demo/summary.json
-    rlhfkit demo run.output_dir=DIR open=true      # also print the report's path and file:// URL at the end
+    rlhfkit demo run.output_dir=DIR --open         # also print the report's path and file:// URL at the end
     rlhfkit demo method=dpo                        # DPO on the labelled pairs instead of PPO (grpo, rloo: when present)
-    rlhfkit demo human=true                        # people label in the web app (URL and login printed) before training
+    rlhfkit demo --human                           # people label in the web app (URL and login printed) before training
 
 1. generate: the policy writes 4 continuations of each of 512 bundled TinyStories openings;
 2. annotate: a crowd of 5 simulated annotators labels every pair of them through the feedback app's HTTP API
@@ -39,8 +39,8 @@ class DemoConfig(PipelineConfig):
     is labelled; the gold function (annotate.preference) still judges the result."""
     open: bool = False
     """Print the report's path and file:// URL at the end (the report is one self-contained HTML file)."""
-    # `--open` / `--human` on the command line = open=true / human=true, once rlhfkit.config.parse_cli reads `flags`
-    flags = ("open", "human")
+    flags = ("open", "human")  # `--open` / `--human` on the command line mean open=true / human=true
+    config_positional = False
 
     def validate(self) -> None:
         if self.method and self.method not in ("ppo", "grpo", "rloo", "dpo"):

@@ -137,6 +137,7 @@ class EvalStage:
 
 @dataclass
 class PipelineConfig:
+    config_positional = True  # `rlhfkit pipeline recipe.yaml key=value ...`
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/pipeline", threads=1))
     """run.threads=1: on a busy 2-core machine two torch threads made small models 5-12x slower (docs/demo.md)."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -174,13 +175,6 @@ class PipelineConfig:
         if self.rl.checkpoints < 0 or self.eval.curve_prompts < 0 or self.generate.prompts_per_round < 0:
             raise UserError("rl.checkpoints, eval.curve_prompts, generate.prompts_per_round: must be >= 0")
         S.rl_command(method)  # unknown methods fail before anything runs
-
-
-@dataclass
-class PipelineCLI(PipelineConfig):
-    file: str = ""
-    """The pipeline YAML (the positional argument); key=value options override its keys."""
-    positional = ("file",)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -337,19 +331,7 @@ def run_pipeline(cfg: PipelineConfig, argv: list[str] | None = None, on_human_re
     return summary
 
 
-def resolve_cli(cfg: PipelineCLI, argv: list[str] | None) -> PipelineConfig:
-    """defaults < the positional YAML file < key=value options of the command line."""
-    if not cfg.file:
-        return cfg
-    overrides = [a for a in (argv or [])[2:] if "=" in a and not a.startswith("-") and not a.startswith("file=")]
-    if "--config" in (argv or []) or any(a.startswith("--config=") for a in argv or []):
-        raise UserError("give the pipeline YAML either as the positional argument or with --config, not both")
-    return load_config(PipelineConfig, cfg.file, overrides)
-
-
 def main(cfg: PipelineConfig, argv: list[str] | None = None) -> dict:
-    if isinstance(cfg, PipelineCLI):
-        cfg = resolve_cli(cfg, argv)
     summary = run_pipeline(cfg, argv)
     print(format_summary(summary, Path(cfg.run.output_dir), cfg.report))
     return summary

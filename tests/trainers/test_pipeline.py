@@ -25,15 +25,16 @@ def test_positional_yaml_then_cli_overrides(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("rounds: 3\nrl:\n  method: dpo\n  args: {train.steps: 7}\nannotate: {crowd: 2}\n")
     argv = ["rlhfkit", "pipeline", str(recipe), "annotate.crowd=4", "run.output_dir=runs/x"]
-    cli_cfg = parse_cli(P.PipelineCLI, argv[2:], "rlhfkit pipeline")
-    cfg = P.resolve_cli(cli_cfg, argv)
+    cfg = parse_cli(P.PipelineConfig, argv[2:], "rlhfkit pipeline")
     assert (cfg.rounds, cfg.rl.method, cfg.rl.args, cfg.annotate.crowd, cfg.run.output_dir) == \
         (3, "dpo", {"train.steps": 7}, 4, "runs/x")
     assert cfg.rm.args == P.PipelineConfig().rm.args  # keys the YAML does not set keep their defaults
     bad = tmp_path / "bad.yaml"
     bad.write_text("rl:\n  methd: ppo\n")
     with pytest.raises(UserError, match=r"bad.yaml: unknown config key 'rl.methd' \(did you mean 'rl.method'\?\)"):
-        P.resolve_cli(parse_cli(P.PipelineCLI, [str(bad)], "rlhfkit pipeline"), ["rlhfkit", "pipeline", str(bad)])
+        parse_cli(P.PipelineConfig, [str(bad)], "rlhfkit pipeline")
+    with pytest.raises(UserError, match="not two"):
+        parse_cli(P.PipelineConfig, [str(recipe), "--config", str(recipe)], "rlhfkit pipeline")
 
 
 def test_cli_error_is_one_line(cli, tmp_path):
