@@ -23,6 +23,12 @@ COMMANDS: dict[str, tuple] = {
                  "rlhfkit.trainers.generate", "GenerateConfig"),
     "ppo": ("PPO with a KL penalty against the reference policy (reward function or reward model)",
             "rlhfkit.trainers.ppo", "PPOConfig"),
+    "grpo": ("GRPO, Dr. GRPO or REINFORCE++: k completions per prompt, group-relative advantages, no value model",
+             "rlhfkit.trainers.grpo", "GRPOConfig"),
+    "rloo": ("RLOO: REINFORCE with a leave-one-out baseline over k completions per prompt, KL in the reward",
+             "rlhfkit.trainers.grpo", "RLOOConfig"),
+    "bon": ("Best-of-n rejection sampling: the top-scored of n completions per prompt as SFT data (+ pairs)",
+            "rlhfkit.trainers.bon", "BoNConfig"),
     "annotate": ("Human feedback: annotation web app, users, import, simulated crowd, export", {
         "serve": ("Start the annotation web app and JSON API (FastAPI + uvicorn)", "rlhfkit.annotate.cli", "ServeConfig"),
         "project": ("Manage projects", {
