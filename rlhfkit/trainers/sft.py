@@ -2,10 +2,13 @@
 
     rlhfkit sft data.train=stories.jsonl run.output_dir=runs/sft train.steps=200
     rlhfkit sft --config runs/sft/config.yaml --resume        # continue an interrupted run
+    accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 8 -m rlhfkit sft ...  # data parallel
 
 Data: {"prompt", "completion"}, {"messages"} (loss on the final assistant turn) or {"text"} (loss on every token).
 The loss is the token mean over every completion token of the optimizer batch, so gradient accumulation gives the
-same update as one big batch (PITFALLS 7). The final model is saved (save_pretrained) in `output_dir/model`.
+same update as one big batch (PITFALLS 7). Data parallel: each rank takes a contiguous share of the micro-batches
+and divides by N / world size, so the gradient averaged over ranks is that same update (rlhfkit.distributed).
+The final model is saved (save_pretrained) in `output_dir/model`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from rlhfkit.config import ModelConfig, OptimConfig, RunConfig
 from rlhfkit.data import load_sft
 from rlhfkit.data.collate import pad_sequences
 from rlhfkit.errors import UserError, exact_div
+from rlhfkit import distributed as D
 from rlhfkit import models as M
 from rlhfkit import train_utils as U
 
@@ -118,8 +122,9 @@ def sample_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def main(cfg: SFTConfig, argv: list[str] | None = None) -> dict:
-    out = U.setup_run(cfg, argv)
-    device = M.pick_device(cfg.run.device)
+    world = D.init_world(cfg.run)  # one process, or a rank of `accelerate launch` / `torchrun`
+    out = world.setup_run(cfg, argv)
+    device = world.device
     tokenizer = M.load_tokenizer(cfg.model.tokenizer or cfg.model.name, cfg.model.trust_remote_code)
     examples = load_sft(cfg.data.train)
     if cfg.data.eval:
@@ -145,15 +150,20 @@ def main(cfg: SFTConfig, argv: list[str] | None = None) -> dict:
             raise UserError(f"--resume: no complete checkpoint in {out}/checkpoints")
         state = U.load_trainer_state(ckpt)
         _load_weights(model, ckpt)
-        optimizer.load_state_dict(state["optimizer"])
+        if state["optimizer"] is not None:  # None: FSDP / DeepSpeed keep it in engine/ (world.load_engine_state)
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         U.set_rng_state(state["rng"])
         start_step = state["step"]
-    logger = U.MetricLogger(out, cfg.run.report_to, resume_step=start_step if cfg.run.resume else None)
-    print(f"sft: {len(train_data)} train / {len(eval_data)} eval examples ({truncated} truncated), "
-          f"{M.count_parameters(model, True):,} trainable parameters, device {device}", flush=True)
-
     B, micro = cfg.train.batch_size, cfg.train.micro_batch_size
+    world.check_split(B // micro, "train.batch_size / train.micro_batch_size (micro-batches per step)",
+                      f"; set train.micro_batch_size <= {B // world.size} (micro-batches are per process)")
+    runner, optimizer = world.prepare(optimizer, micro, cfg.optim.max_grad_norm, model=model)  # DDP/FSDP/DeepSpeed
+    world.load_engine_state(U.latest_checkpoint(out) if cfg.run.resume else None)
+    logger = world.logger(out, cfg.run.report_to, resume_step=start_step if cfg.run.resume else None)
+    print(f"sft: {len(train_data)} train / {len(eval_data)} eval examples ({truncated} truncated), "
+          f"{M.count_parameters(model, True):,} trainable parameters, device {device}, {world.describe()}", flush=True)
+
     end_step = cfg.train.steps
     if cfg.run.stop_after_steps:
         end_step = min(end_step, start_step + cfg.run.stop_after_steps)
@@ -166,21 +176,26 @@ def main(cfg: SFTConfig, argv: list[str] | None = None) -> dict:
             orders[epoch] = sample_order(len(train_data), cfg.run.seed, epoch)
         return train_data[int(orders[epoch][pos])]
 
-    bar = U.progress(cfg.train.steps, "sft", cfg.run.progress, initial=start_step)
+    bar = U.progress(cfg.train.steps, "sft", cfg.run.progress and world.is_main, initial=start_step)
     tokens_seen, t0, last = 0, time.perf_counter(), {}
     model.train()
     for step in range(start_step, end_step):
         batch = [next_sample(k) for k in range(step * B, (step + 1) * B)]  # resumable from the step alone
         micro_batches = [make_batch(batch[i: i + micro], tokenizer.pad_token_id, cfg.train.completion_only_loss)
                          for i in range(0, B, micro)]
-        n_tokens = sum(int(lm.sum()) for _, _, lm in micro_batches)
+        n_tokens = sum(int(lm.sum()) for _, _, lm in micro_batches)  # over the global batch
         loss_sum = 0.0
-        for ids, attn, lm in micro_batches:
-            loss = token_nll(model, ids.to(device), attn.to(device), lm.to(device)) / max(1, n_tokens)
-            loss.backward()
+        local = world.shard(micro_batches)  # this rank's share; gradients are averaged over ranks, hence N / W
+        for j, (ids, attn, lm) in enumerate(local):
+            with world.accumulate(runner, last=j == len(local) - 1):
+                nll = runner(lambda m, *x: token_nll(m.model, *x), ids.to(device), attn.to(device), lm.to(device))
+                loss = nll / (max(1, n_tokens) / world.size)
+                world.backward(loss)
             loss_sum += loss.detach().item()
             tokens_seen += int(attn.sum())
-        grad_norm = U.clip_and_step(params, optimizer, scheduler, cfg.optim.max_grad_norm)
+        grad_norm = world.clip_and_step(params, optimizer, scheduler, cfg.optim.max_grad_norm, runner)
+        if world.size > 1:  # rank r holds W x its share of the mean loss; tokens/s counts every rank
+            loss_sum, tokens_seen = world.reduce_floats({"loss": loss_sum / world.size, "tok": tokens_seen}).values()
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"step {step + 1}: loss is {loss_sum}")
         done = step + 1
@@ -188,7 +203,7 @@ def main(cfg: SFTConfig, argv: list[str] | None = None) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{speed:,.0f}")
         last = {"loss/train": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                "time/tokens_per_s": speed}
+                "time/tokens_per_s": speed, "dist/world_size": world.size}
         if eval_data and ((cfg.run.eval_every and done % cfg.run.eval_every == 0) or done == cfg.train.steps):
             last["loss/eval"] = evaluate(model, eval_data, tokenizer.pad_token_id, micro, device,
                                          cfg.train.completion_only_loss)
@@ -196,13 +211,16 @@ def main(cfg: SFTConfig, argv: list[str] | None = None) -> dict:
         if done % max(1, cfg.run.log_every) == 0 or done == end_step or "loss/eval" in last:
             logger.log(done, last)
         if (cfg.run.save_every and done % cfg.run.save_every == 0) or (done == end_step and done < cfg.train.steps):
-            U.save_checkpoint(out, done, models={"model": model}, tokenizer=tokenizer, optimizer=optimizer,
-                              scheduler=scheduler, state={}, keep=cfg.run.keep_checkpoints)
+            world.save_checkpoint(runner, out, done, models={"model": model}, tokenizer=tokenizer,
+                                  optimizer=optimizer, scheduler=scheduler, state={}, keep=cfg.run.keep_checkpoints)
     bar.close()
     logger.close()
     result = {**last, "step": end_step, "seconds": time.perf_counter() - t0}
     if end_step == cfg.train.steps:
-        save_final(model, tokenizer, out / "model")
+        final = world.savable(runner, model)  # full weights on rank 0 (gathered under FSDP / ZeRO-3)
+        if world.is_main:
+            save_final(final, tokenizer, out / "model")
+        world.barrier()
         result["model_dir"] = str(out / "model")
         print(f"sft: saved {out / 'model'}" + (f"; eval loss {last['loss/eval']:.4f}" if "loss/eval" in last else ""))
     else:
