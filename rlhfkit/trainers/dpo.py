@@ -5,6 +5,7 @@
     rlhfkit dpo ... train.loss_type=ipo train.beta=0.5                  # IPO (length-averaged log-probs)
     rlhfkit dpo ... model.lora_r=8                                      # reference = the base, adapter off
     rlhfkit dpo --config runs/dpo/config.yaml --resume                  # continue an interrupted run
+    accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 8 -m rlhfkit dpo ...  # data parallel
 
 Data: any preference format (rlhfkit.data.formats; Anthropic HH .jsonl.gz as is, conversations). DPO has no use
 for pairs without an order: `tie` and `both_bad` pairs are skipped and counted, `margin` is not used.
@@ -12,7 +13,8 @@ A step: n pairs go through ONE policy forward as n packed rows [prompt, chosen, 
 see chosen ones, so the prompt is computed once; train.share_prompt=false: 2n rows), left-padded, logits only at
 completion positions; log-probs are summed over completion tokens (averaged for IPO); the frozen reference scores
 the same rows without grad (or once up front: train.precompute_ref_logprobs); core.losses.dpo_loss gives the loss
-and the implicit rewards r = β(log π(y) - log π_ref(y)). Explained in docs/dpo.md.
+and the implicit rewards r = β(log π(y) - log π_ref(y)). Explained in docs/dpo.md. Data parallel: each rank takes a
+contiguous share of a step's micro-batches, weighted so the gradient averaged over ranks is the global-batch mean.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 
+from rlhfkit import distributed as D
 from rlhfkit import models as M
 from rlhfkit import train_utils as U
 from rlhfkit.config import ModelConfig, OptimConfig, RunConfig
@@ -258,8 +261,9 @@ def packing_works(model, items: list, pad_id: int, device) -> bool:
 class Reference:
     """π_ref log-probs: from a table computed up front, a frozen model, or the LoRA policy with its adapter off."""
 
-    def __init__(self, model, adapter_off: bool, average: bool):
+    def __init__(self, model, adapter_off: bool, average: bool, world: D.World | None = None):
         self.model, self.adapter_off, self.average = model, adapter_off, average
+        self.world = world or D.World()
         self.table: dict[str, torch.Tensor] = {}
 
     @torch.inference_mode()
@@ -271,9 +275,15 @@ class Reference:
         return torch.stack([chosen, rejected], dim=1).clone()  # clone: a normal tensor, usable under autograd
 
     def precompute(self, name: str, data: list, batcher: Callable[[list], PairBatch], size: int) -> None:
-        """Score every pair of `data` once: table[name] (N, 2)."""
-        chunks = [self.score(batcher(data[i: i + size])) for i in range(0, len(data), size)]
-        self.table[name] = torch.cat(chunks) if chunks else torch.zeros(0, 2)
+        """Score every pair of `data` once: table[name] (N, 2). Data parallel: rank r scores chunks r, r + W, ...
+        and the ranks swap them (the same chunks as in one process, so the same numbers)."""
+        starts, w = list(range(0, len(data), size)), self.world
+        chunks = {i: self.score(batcher(data[i: i + size])) for i in starts[w.rank::w.size]}
+        if w.size > 1:
+            device = next(iter(chunks.values())).device if chunks else w.device
+            chunks = {i: c.to(device) for part in w.gather_objects({i: c.cpu() for i, c in chunks.items()})
+                      for i, c in part.items()}
+        self.table[name] = torch.cat([chunks[i] for i in starts]) if starts else torch.zeros(0, 2)
 
     def lookup(self, name: str, index: list[int], batch: PairBatch) -> torch.Tensor:
         if name in self.table:
@@ -308,8 +318,9 @@ def evaluate(model, ref: Reference, data: list, batcher: Callable[[list], PairBa
 
 
 def main(cfg: DPOConfig, argv: list[str] | None = None) -> dict:
-    out = U.setup_run(cfg, argv)
-    device = M.pick_device(cfg.run.device)
+    world = D.init_world(cfg.run)  # one process, or a rank of `accelerate launch` / `torchrun`
+    out = world.setup_run(cfg, argv)
+    device = world.device
     tokenizer = M.load_tokenizer(cfg.model.tokenizer or cfg.model.name, cfg.model.trust_remote_code)
     pairs, eval_pairs, counts = load_pairs(cfg)
     train_data, truncated = tokenize_pairs(pairs, tokenizer, cfg.data.max_length)
@@ -325,7 +336,7 @@ def main(cfg: DPOConfig, argv: list[str] | None = None) -> dict:
         ref_model.eval()
     packed = t.share_prompt and all(packing_works(m, train_data[:4], pad_id, device) for m in {model, ref_model})
     batcher = functools.partial(make_batch, pad_id=pad_id, packed=packed, device=device)  # items -> PairBatch
-    ref = Reference(ref_model, adapter_off, t.loss_type == "ipo")
+    ref = Reference(ref_model, adapter_off, t.loss_type == "ipo", world)
     if t.precompute_ref_logprobs:
         ref.precompute("train", train_data, batcher, t.eval_batch_size)
         ref.precompute("eval", eval_data, batcher, t.eval_batch_size)
@@ -342,18 +353,23 @@ def main(cfg: DPOConfig, argv: list[str] | None = None) -> dict:
             raise UserError(f"--resume: no complete checkpoint in {out}/checkpoints")
         state = U.load_trainer_state(ckpt)
         _load_weights(model, ckpt)
-        optimizer.load_state_dict(state["optimizer"])
+        if state["optimizer"] is not None:  # None: FSDP / DeepSpeed keep it in engine/ (world.load_engine_state)
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         U.set_rng_state(state["rng"])
         start_step = state["step"]
-    logger = U.MetricLogger(out, cfg.run.report_to, resume_step=start_step if cfg.run.resume else None)
+    B, micro = t.batch_size, t.micro_batch_size
+    world.check_split(B // micro, "train.batch_size / train.micro_batch_size (micro-batches per step)",
+                      f"; set train.micro_batch_size <= {B // world.size} (micro-batches are per process)")
+    runner, optimizer = world.prepare(optimizer, micro, cfg.optim.max_grad_norm, model=model)  # DDP/FSDP/DeepSpeed
+    world.load_engine_state(U.latest_checkpoint(out) if cfg.run.resume else None)
+    logger = world.logger(out, cfg.run.report_to, resume_step=start_step if cfg.run.resume else None)
     print(f"dpo: {len(train_data)} train / {len(eval_data)} eval pairs ({truncated} truncated; skipped "
           f"{counts['skipped_ties']} ties, {counts['skipped_both_bad']} both-bad), reference "
           f"{'table' if t.precompute_ref_logprobs else 'adapter off' if adapter_off else 'model'}, "
           f"{'packed' if packed else 'two'} rows per pair, {M.count_parameters(model, True):,} trainable parameters, "
-          f"device {device}", flush=True)
+          f"device {device}, {world.describe()}", flush=True)
 
-    B, micro = t.batch_size, t.micro_batch_size
     end_step = t.steps if not cfg.run.stop_after_steps else min(t.steps, start_step + cfg.run.stop_after_steps)
     orders: dict[int, torch.Tensor] = {}
 
@@ -364,20 +380,25 @@ def main(cfg: DPOConfig, argv: list[str] | None = None) -> dict:
             orders[epoch] = sample_order(len(train_data), cfg.run.seed, epoch)
         return int(orders[epoch][pos])
 
-    bar = U.progress(t.steps, "dpo", cfg.run.progress, initial=start_step)
+    bar = U.progress(t.steps, "dpo", cfg.run.progress and world.is_main, initial=start_step)
     pairs_seen, train_seconds, t0, last = 0, 0.0, time.perf_counter(), {}
     model.train()
     for step in range(start_step, end_step):
         started = time.perf_counter()
         index = [sample_index(k) for k in range(step * B, (step + 1) * B)]  # resumable from the step alone
         sums: dict[str, torch.Tensor | float] = dict.fromkeys(("loss/train",) + STAT_KEYS, 0.0)
-        for i in range(0, B, micro):
-            loss, stats = pair_loss(model, ref, "train", index[i: i + micro], train_data, batcher, t)
-            (loss * (micro / B)).backward()  # micro-batch means weighted micro/B sum to the full-batch mean
+        local = world.shard([index[i: i + micro] for i in range(0, B, micro)])  # this rank's micro-batches
+        for j, part in enumerate(local):
+            with world.accumulate(runner, last=j == len(local) - 1):
+                loss, stats = runner(lambda m, part: pair_loss(m.model, ref, "train", part, train_data, batcher, t),
+                                     part)
+                # micro-batch means weighted micro/B sum to the full-batch mean; x W: ranks' gradients are averaged
+                world.backward(loss * (micro / B * world.size))
             for key, value in {"loss/train": loss.detach(), **stats}.items():
                 sums[key] = sums[key] + value * (micro / B)
-        grad_norm = U.clip_and_step(params, optimizer, scheduler, cfg.optim.max_grad_norm)
+        grad_norm = world.clip_and_step(params, optimizer, scheduler, cfg.optim.max_grad_norm, runner)
         sums = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # one device sync per step
+        sums = world.reduce_floats(sums)  # each rank holds its share of the global means
         if not math.isfinite(sums["loss/train"]):
             raise FloatingPointError(f"step {step + 1}: loss is {sums['loss/train']}")
         done, pairs_seen = step + 1, pairs_seen + B
@@ -386,19 +407,23 @@ def main(cfg: DPOConfig, argv: list[str] | None = None) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{sums['loss/train']:.3f}", acc=f"{sums['rewards/accuracies']:.2f}",
                         pairs_s=f"{speed:.1f}")
-        last = {**sums, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "time/pairs_per_s": speed}
+        last = {**sums, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "time/pairs_per_s": speed,
+                "dist/world_size": world.size}
         if eval_data and ((cfg.run.eval_every and done % cfg.run.eval_every == 0) or done == t.steps):
             last.update(evaluate(model, ref, eval_data, batcher, t))
         if done % max(1, cfg.run.log_every) == 0 or done == end_step or "loss/eval" in last:
             logger.log(done, last)
         if (cfg.run.save_every and done % cfg.run.save_every == 0) or (done == end_step and done < t.steps):
-            U.save_checkpoint(out, done, models={"model": model}, tokenizer=tokenizer, optimizer=optimizer,
-                              scheduler=scheduler, state={}, keep=cfg.run.keep_checkpoints)
+            world.save_checkpoint(runner, out, done, models={"model": model}, tokenizer=tokenizer,
+                                  optimizer=optimizer, scheduler=scheduler, state={}, keep=cfg.run.keep_checkpoints)
     bar.close()
     logger.close()
     result = {**last, "step": end_step, "seconds": time.perf_counter() - t0, **counts}
     if end_step == t.steps:
-        save_final(model, tokenizer, out / "model")
+        final = world.savable(runner, model)  # full weights on rank 0 (gathered under FSDP / ZeRO-3)
+        if world.is_main:
+            save_final(final, tokenizer, out / "model")
+        world.barrier()
         result["model_dir"] = str(out / "model")
         held = f"; held-out preference accuracy {last['eval/rewards/accuracies']:.3f}" if "loss/eval" in last else ""
         print(f"dpo: saved {out / 'model'}{held}")

@@ -257,9 +257,12 @@ def evaluate_model(rm: Any, pairs: list, output: str | Path | None, plots: bool 
 
 
 def train(cfg: RMTrainConfig, argv: list[str] | None = None) -> dict:
-    from rlhfkit import train_utils as U
+    from rlhfkit import distributed as D
 
-    out = U.setup_run(cfg, argv)
+    world = D.init_world(cfg.run)  # one process, or a rank of `accelerate launch` / `torchrun` (deep models)
+    if world.size > 1 and cfg.model.kind == "linear":
+        raise UserError("model.kind=linear: trains in one process (L-BFGS on features); run it without a launcher")
+    out = world.setup_run(cfg, argv)
     t0 = time.perf_counter()
     data = load_rm_data(cfg)
     print("rm train: " + ", ".join(f"{k} {v}" for k, v in data.counts.items()), flush=True)
@@ -268,9 +271,11 @@ def train(cfg: RMTrainConfig, argv: list[str] | None = None) -> dict:
     else:
         from rlhfkit.reward.deep import train_deep
 
-        rm, result = train_deep(cfg, data.train_pairs, data.ratings, data.eval_pairs, out)
+        rm, result = train_deep(cfg, data.train_pairs, data.ratings, data.eval_pairs, out, world)
         if not result["finished"]:
             print(f"rm train: stopped at step {result['step']} of {cfg.train.steps}; continue with --resume")
+            return result
+        if not world.is_main:  # rank 0 alone normalises, evaluates and saves the trained model
             return result
     prompts, comps, where = reference_set(cfg, data)
     result["normalization"] = normalize(rm, prompts, comps, cfg.train.normalize_std, where)
