@@ -144,9 +144,13 @@ class GenConfig:
     top_k: int = 0
     """Keep only the k most likely tokens (0 disables)."""
     batch_size: int = 64
-    """Prompts sampled together in one forward pass."""
-    backend: Literal["auto", "fast", "hf"] = "auto"
-    """fast: rlhfkit's lean KV-cache decode loop; hf: transformers generate(); auto: fast when supported."""
+    """Prompts sampled together in one forward pass (per process; also the unit of rollout seeding, so RL rollouts
+    are the same for any number of processes when it divides rollout_batch_size / world size)."""
+    backend: Literal["auto", "fast", "hf", "vllm"] = "auto"
+    """fast: rlhfkit's lean KV-cache decode loop; hf: transformers generate(); auto: fast when supported; vllm (RL
+    trainers, CUDA, `pip install vllm`): a vLLM engine on each GPU, weights synced after every update."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """gen.backend=vllm: share of each GPU's memory vLLM may take for its weights and KV cache (the rest trains)."""
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -161,6 +165,9 @@ class GenConfig:
             raise UserError(f"gen.top_k: must be >= 0, got {self.top_k}")
         if self.batch_size < 1:
             raise UserError(f"gen.batch_size: must be >= 1, got {self.batch_size}")
+        if not 0 < self.vllm_gpu_memory_utilization < 1:
+            raise UserError("gen.vllm_gpu_memory_utilization: must be in (0, 1), got "
+                            f"{self.vllm_gpu_memory_utilization}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

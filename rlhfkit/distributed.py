@@ -167,9 +167,6 @@ class World:
         modules = Modules(**models)
         if self.accelerator is None:
             return Runner(modules, modules), optimizer
-        for model in models.values():  # reentrant checkpointing breaks DDP's once-per-step gradient hooks
-            if getattr(model, "is_gradient_checkpointing", False):
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.engine == "deepspeed":
             ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = micro_batch_size  # no dataloader to fill "auto" from

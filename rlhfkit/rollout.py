@@ -90,6 +90,9 @@ def resolve_backend(model: Any, backend: str) -> str:
     """"fast" or "hf" for gen.backend auto/fast/hf; a UserError when fast is asked for an unsupported model."""
     if backend == "hf":
         return "hf"
+    if backend == "vllm":  # an engine that lives across updates: rlhfkit.vllm_rollout, built by the RL trainers
+        raise UserError("gen.backend=vllm: only the RL trainers (ppo, grpo, rloo) sample with vLLM; use auto, fast "
+                        "or hf here")
     reason = fast_unsupported_reason(model)
     if reason is None:
         return "fast"

@@ -17,6 +17,9 @@ One update (a `step` in metrics.jsonl):
   5. the adaptive KL controller (target_kl > 0) moves β; one line of metrics is written.
 The new/old ratio on the first minibatch of each update is logged (policy/ratio_first_min/max) and is exactly 1:
 rollout scoring and training use the same forward (PITFALLS 2).
+Data parallel (accelerate launch / torchrun, rlhfkit.distributed): each rank samples, scores and runs the no-grad
+forwards for its share of the rollout; the shares are then gathered, so normalisation, whitening and minibatch
+orders are those of one process; each rank trains on its share of every minibatch, normaliser N / world size.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Literal
 import torch
 
 from rlhfkit import core
+from rlhfkit import distributed as D
 from rlhfkit import models as M
 from rlhfkit import rl as R
 from rlhfkit import scoring as S
@@ -40,6 +44,7 @@ from rlhfkit.data import load_prompts
 from rlhfkit.errors import UserError, exact_div
 from rlhfkit.heads import head_of, load_scalar_model
 from rlhfkit.trainers.sft import save_final
+from rlhfkit.vllm_rollout import make_sampler
 
 
 @dataclass
@@ -146,8 +151,9 @@ def load_value_model(cfg: PPOConfig, device: torch.device, tokenizer) -> torch.n
 
 
 def main(cfg: PPOConfig, argv: list[str] | None = None) -> dict:
-    out = U.setup_run(cfg, argv)
-    device = M.pick_device(cfg.run.device)
+    world = D.init_world(cfg.run)  # one process, or a rank of `accelerate launch` / `torchrun`
+    out = world.setup_run(cfg, argv)
+    device = world.device
     tokenizer = M.load_tokenizer(cfg.model.tokenizer or cfg.model.name, cfg.model.trust_remote_code)
     records = load_prompts(cfg.data.prompts)
     prompt_ids = R.encode_prompts(tokenizer, [r.prompt for r in records], cfg.data.max_prompt_length)
@@ -166,12 +172,14 @@ def main(cfg: PPOConfig, argv: list[str] | None = None) -> dict:
     temperature = R.sampling_temperature(cfg.gen)
     t, B = cfg.train, cfg.train.rollout_batch_size
     minibatch = B // t.num_minibatches
+    sampler = make_sampler(cfg.gen, cfg.model, world)  # gen.backend=vllm: a vLLM engine on this GPU; else None
 
     def rollout(indices: list[int], seed: int) -> R.RolloutBatch:
+        """This rank's share of the completions for prompts `indices` (all of them in one process)."""
         columns = {k: [records[i].extra.get(k) for i in indices] for k in records[indices[0]].extra}
-        return R.generate_rollout(policy, tokenizer, [records[i].prompt for i in indices],
+        return D.generate_rollout(world, policy, tokenizer, [records[i].prompt for i in indices],
                                   [prompt_ids[i] for i in indices], cfg.gen, seed=seed, columns=columns,
-                                  device=device)
+                                  device=device, sampler=sampler)
 
     start = 0
     if cfg.run.resume:
@@ -181,7 +189,8 @@ def main(cfg: PPOConfig, argv: list[str] | None = None) -> dict:
         state = U.load_trainer_state(ckpt)
         R.load_weights(policy, ckpt)
         R.load_weights(value_model, ckpt / "value")
-        optimizer.load_state_dict(state["optimizer"])
+        if state["optimizer"] is not None:  # None: FSDP / DeepSpeed keep it in engine/ (world.load_engine_state)
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         U.set_rng_state(state["rng"])
         kl_ctl.value = state["kl_coef"]
@@ -190,34 +199,43 @@ def main(cfg: PPOConfig, argv: list[str] | None = None) -> dict:
     elif normalizer.mode == "initial":  # fit on samples of the initial policy, which is the reference
         idx = R.batch_indices(len(records), cfg.reward.normalize_samples, 0, cfg.run.seed + 7919)
         ref_batch = rollout(idx, seed=cfg.run.seed + 7919)
-        normalizer.fit(S.score_tensor(scorer, ref_batch.prompts, ref_batch.completions, ref_batch.columns))
+        normalizer.fit(world.gather(S.score_tensor(scorer, ref_batch.prompts, ref_batch.completions,
+                                                   ref_batch.columns)))  # every rank's scores
         print(f"ppo: score normalisation from {len(idx)} initial samples: mean {normalizer.mean:.4g}, "
               f"std {normalizer.std:.4g}", flush=True)
-    if cfg.run.resume:
+    if cfg.run.resume and world.is_main:
         R.truncate_samples(out, start)
-    else:
+    elif world.is_main:
         (out / "samples.jsonl").unlink(missing_ok=True)
-    logger = U.MetricLogger(out, cfg.run.report_to, resume_step=start if cfg.run.resume else None)
+    world.check_split(minibatch, "minibatch size (train.rollout_batch_size / train.num_minibatches)")
+    runner, optimizer = world.prepare(optimizer, t.micro_batch_size, cfg.optim.max_grad_norm, policy=policy,
+                                      value=value_model)  # one engine (DDP/FSDP/DeepSpeed) for both trained models
+    world.load_engine_state(U.latest_checkpoint(out) if cfg.run.resume else None)
+    logger = world.logger(out, cfg.run.report_to, resume_step=start if cfg.run.resume else None)
     print(f"ppo: {len(records)} prompts, {M.count_parameters(policy, True):,} trainable policy + "
           f"{M.count_parameters(value_model, True):,} value parameters, device {device}, "
-          f"reference: {'LoRA adapter off' if ref_model is None else 'frozen copy'}", flush=True)
+          f"reference: {'LoRA adapter off' if ref_model is None else 'frozen copy'}, {world.describe()}", flush=True)
 
     end = cfg.train.steps if not cfg.run.stop_after_steps else min(cfg.train.steps, start + cfg.run.stop_after_steps)
-    bar = U.progress(cfg.train.steps, "ppo", cfg.run.progress, initial=start, unit="update")
+    bar = U.progress(cfg.train.steps, "ppo", cfg.run.progress and world.is_main, initial=start, unit="update")
     t_run, metrics = time.perf_counter(), {}
     for step in range(start, end):
         t0 = time.perf_counter()
-        # 1. rollout and scores
+        # 1. rollout and scores (this rank's share of the rollout)
         batch = rollout(R.batch_indices(len(records), B, step, cfg.run.seed), seed=cfg.run.seed * 100_003 + step)
         raw = S.score_tensor(scorer, batch.prompts, batch.completions, batch.columns)
-        scores = S.shape_scores(raw, batch.has_eos, cfg.reward, normalizer).to(device)
         t_sample = time.perf_counter() - t0
         # 2. old log-probs, reference log-probs, values (same forward as training, no gradient)
+        with world.autocast():  # the launcher's mixed precision, as in the training forward
+            old_logprobs, entropy = R.score_rollout_forward(policy, batch, temperature, t.micro_batch_size, True)
+            ref_logprobs = torch.cat([R.reference_logprobs(policy, ref_model, batch.select(i), temperature)
+                                      for i in R.micro_batches(range(len(batch)), t.micro_batch_size)])
+            old_values = R.values_forward(value_model, batch, t.micro_batch_size)
+        # every rank now holds the global rollout: score normalisation and whitening over it (PITFALLS 8)
+        batch, (raw, old_logprobs, entropy, ref_logprobs, old_values) = D.gather_rollout(
+            world, batch, raw, old_logprobs, entropy, ref_logprobs, old_values)
+        scores = S.shape_scores(raw, batch.has_eos, cfg.reward, normalizer).to(device)
         mask = batch.completion_mask
-        old_logprobs, entropy = R.score_rollout_forward(policy, batch, temperature, t.micro_batch_size, True)
-        ref_logprobs = torch.cat([R.reference_logprobs(policy, ref_model, batch.select(i), temperature)
-                                  for i in R.micro_batches(range(B), t.micro_batch_size)])
-        old_values = R.values_forward(value_model, batch, t.micro_batch_size)
         # 3. rewards and advantages
         with torch.no_grad():
             rewards, non_score, kl = core.per_token_rewards(scores=scores, logprobs=old_logprobs,
@@ -236,9 +254,9 @@ def main(cfg: PPOConfig, argv: list[str] | None = None) -> dict:
             order = torch.randperm(B, generator=order_gen)
             for mb_start in range(0, B, minibatch):
                 mb = order[mb_start: mb_start + minibatch].tolist()
-                mb_stats = train_minibatch(cfg, batch, mb, policy, value_model, old_logprobs, old_values,
-                                           advantages, returns, temperature)
-                mb_stats["grad_norm"] = U.clip_and_step(params, optimizer, None, cfg.optim.max_grad_norm)
+                mb_stats = train_minibatch(cfg, batch, mb, runner, world, old_logprobs, old_values, advantages,
+                                           returns, temperature)
+                mb_stats["grad_norm"] = world.clip_and_step(params, optimizer, None, cfg.optim.max_grad_norm, runner)
                 stats.append(mb_stats)
                 if not first:
                     first = {"policy/ratio_first_min": mb_stats["ratio_min"],
@@ -250,6 +268,8 @@ def main(cfg: PPOConfig, argv: list[str] | None = None) -> dict:
                 break
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
+        if sampler is not None:
+            sampler.sync(policy)  # the vLLM engine samples the next rollout from the updated weights
         # 5. KL controller, metrics, samples, checkpoints
         seq_kl = R.per_sequence_sum(kl, mask)  # (B,)
         kl_coef = kl_ctl.value
@@ -279,6 +299,7 @@ def main(cfg: PPOConfig, argv: list[str] | None = None) -> dict:
             "lr": lr, "grad_norm": mean("grad_norm"),
             "time/rollout": t_sample / elapsed, "time/update": (time.perf_counter() - t_update) / elapsed,
             "time/tokens_per_s": n_tokens / max(t_sample, 1e-9), "time/step_s": elapsed,
+            "dist/world_size": world.size,
         }
         if done % max(1, cfg.run.log_every) == 0 or done == end:
             logger.log(done, metrics)
@@ -286,18 +307,23 @@ def main(cfg: PPOConfig, argv: list[str] | None = None) -> dict:
         bar.set_postfix(score=f"{metrics['objective/score']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         if t.sample_every and (done % t.sample_every == 0 or done == 1):
             rows = R.sample_rows(batch, raw, seq_kl, t.num_samples_shown)
-            R.write_samples(out, done, rows)
+            if world.is_main:
+                R.write_samples(out, done, rows)
             bar.write(R.format_sample_table(done, rows))  # above the progress bar (printed when it is off too)
         if (cfg.run.save_every and done % cfg.run.save_every == 0) or (done == end and done < cfg.train.steps):
-            U.save_checkpoint(out, done, models={"policy": policy, "value": value_model}, tokenizer=tokenizer,
-                              optimizer=optimizer, scheduler=scheduler, keep=cfg.run.keep_checkpoints,
-                              state={"kl_coef": kl_ctl.value, "normalizer": normalizer.state_dict()})
+            world.save_checkpoint(runner, out, done, models={"policy": policy, "value": value_model},
+                                  tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                                  keep=cfg.run.keep_checkpoints,
+                                  state={"kl_coef": kl_ctl.value, "normalizer": normalizer.state_dict()})
     bar.close()
     logger.close()
     result = {**metrics, "step": end, "seconds": time.perf_counter() - t_run}
     if end == cfg.train.steps:
-        save_final(policy, tokenizer, out / "model")
-        U.save_model_folder(out / "value_model", value_model, tokenizer)
+        final = {"policy": world.savable(runner, policy), "value": world.savable(runner, value_model)}  # full weights
+        if world.is_main:
+            save_final(final["policy"], tokenizer, out / "model")
+            U.save_model_folder(out / "value_model", final["value"], tokenizer)
+        world.barrier()
         result["model_dir"] = str(out / "model")
         print(f"ppo: saved {out / 'model'} (score {metrics.get('objective/score', float('nan')):.4f}, "
               f"kl {metrics.get('objective/kl', float('nan')):.4f})")
@@ -310,38 +336,48 @@ def _mean(stats: list[dict], key: str) -> float:
     return sum(s[key] for s in stats) / len(stats)
 
 
-def train_minibatch(cfg: PPOConfig, batch: R.RolloutBatch, mb: list[int], policy, value_model,
+def policy_and_values(modules, sub: R.RolloutBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training forward of both models, (B, T) log-probs and values; run inside the engine's wrapper."""
+    return R.forward_logprobs(modules.policy, sub, temperature)[0], R.forward_values(modules.value, sub)
+
+
+def train_minibatch(cfg: PPOConfig, batch: R.RolloutBatch, mb: list[int], runner: D.Runner, world: D.World,
                     old_logprobs: torch.Tensor, old_values: torch.Tensor, advantages: torch.Tensor,
                     returns: torch.Tensor, temperature: float) -> dict[str, float]:
     """Forward/backward of one minibatch in micro-batches; gradients sum to the full-minibatch token mean.
-    Returns token-weighted stats (ratio min/max over the minibatch)."""
+    Data parallel: this rank takes its contiguous share of mb; N / world size as normaliser, since the engine
+    averages the ranks' gradients. Returns token-weighted stats over the whole minibatch (all ranks agree)."""
     mask = batch.completion_mask
     n_tokens = int(mask[mb].sum())
-    normalizer = n_tokens if cfg.loss_aggregation == "token-mean" else len(mb)
+    normalizer = (n_tokens if cfg.loss_aggregation == "token-mean" else len(mb)) / world.size
     acc = {"loss_policy": 0.0, "loss_value": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "vf_clipfrac": 0.0,
            "ratio_min": float("inf"), "ratio_max": float("-inf")}
-    for idx in R.micro_batches(mb, cfg.train.micro_batch_size):
+    local = list(R.micro_batches(world.shard(mb), cfg.train.micro_batch_size))
+    for k, idx in enumerate(local):
         sub = batch.select(idx)
         index = torch.as_tensor(idx, device=mask.device)
         m = mask[index]
-        logprobs, _ = R.forward_logprobs(policy, sub, temperature)
-        values = R.forward_values(value_model, sub)
-        pg_loss, pg = core.ppo_policy_loss(logprobs=logprobs, old_logprobs=old_logprobs[index],
-                                           advantages=advantages[index], mask=m, clip_coef=cfg.clip_coef,
-                                           aggregation=cfg.loss_aggregation, normalizer=normalizer)
-        vf_loss, vf = core.value_loss(values=values, old_values=old_values[index], returns=returns[index], mask=m,
-                                      clip_coef=cfg.value_clip_coef or None, aggregation=cfg.loss_aggregation,
-                                      normalizer=normalizer)
-        loss = pg_loss + cfg.vf_coef * vf_loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"PPO loss is {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()})")
-        loss.backward()
+        with world.accumulate(runner, last=k == len(local) - 1):
+            logprobs, values = runner(policy_and_values, sub, temperature)
+            pg_loss, pg = core.ppo_policy_loss(logprobs=logprobs, old_logprobs=old_logprobs[index],
+                                               advantages=advantages[index], mask=m, clip_coef=cfg.clip_coef,
+                                               aggregation=cfg.loss_aggregation, normalizer=normalizer)
+            vf_loss, vf = core.value_loss(values=values, old_values=old_values[index], returns=returns[index],
+                                          mask=m, clip_coef=cfg.value_clip_coef or None,
+                                          aggregation=cfg.loss_aggregation, normalizer=normalizer)
+            loss = pg_loss + cfg.vf_coef * vf_loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"PPO loss is {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()})")
+            world.backward(loss)
         share = int(m.sum()) / max(1, n_tokens)
-        acc["loss_policy"] += pg_loss.item()
-        acc["loss_value"] += vf_loss.item()
+        acc["loss_policy"] += pg_loss.item() / world.size  # a rank's loss is W x its share of the minibatch's
+        acc["loss_value"] += vf_loss.item() / world.size
         for key, val in (("clipfrac", pg["clipfrac"]), ("approx_kl", pg["approx_kl"]),
                          ("vf_clipfrac", vf["vf_clipfrac"])):
             acc[key] += float(val) * share
         acc["ratio_min"] = min(acc["ratio_min"], float(pg["ratio_min"]))
         acc["ratio_max"] = max(acc["ratio_max"], float(pg["ratio_max"]))
+    if world.size > 1:  # sums of the ranks' shares; the same numbers on every rank, so early stops agree
+        low, high = world.reduce_floats({"min": acc.pop("ratio_min"), "-max": -acc.pop("ratio_max")}, "min").values()
+        acc = {**world.reduce_floats(acc), "ratio_min": low, "ratio_max": -high}
     return acc

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit import distributed as D
+from rlhfkit import models as M
+from rlhfkit import train_utils as U
 from rlhfkit.config import ModelConfig, OptimConfig, RunConfig
 from rlhfkit.data import load_sft
 from rlhfkit.data.collate import pad_sequences
 from rlhfkit.errors import UserError, exact_div
-from rlhfkit import distributed as D
-from rlhfkit import models as M
-from rlhfkit import train_utils as U
 
 
 @dataclass
