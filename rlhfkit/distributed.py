@@ -34,6 +34,7 @@ Design (docs/scaling.md):
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -383,6 +384,12 @@ def init_world(run: Any) -> World:
     except ImportError as err:  # accelerate is a dependency; a broken install still gets one line
         raise UserError(f"distributed launch: accelerate is not importable ({err})") from None
     cpu = run.device == "cpu" or not torch.cuda.is_available()
+    wanted = [name for key, name in ENGINE_ENV.items() if os.environ.get(key, "false").lower() == "true"]
+    if wanted and cpu:  # accelerate would fall back to DDP without a word
+        raise UserError(f"accelerate config asks for {wanted[0]}, which needs CUDA GPUs; on CPU use DDP "
+                        "(accelerate launch --multi_gpu ..., or --config_file configs/accelerate/ddp.yaml)")
+    if "deepspeed" in wanted and importlib.util.find_spec("deepspeed") is None:
+        raise UserError("accelerate config asks for DeepSpeed, which is not installed: pip install deepspeed")
     acc = Accelerator(cpu=cpu)
     world = World(rank=acc.process_index, size=acc.num_processes, device=acc.device, accelerator=acc)
     if not world.is_main and os.environ.get("RLHFKIT_ALL_RANKS_PRINT", "") != "1":

@@ -370,7 +370,7 @@ def train_deep(cfg: Any, pairs: list, ratings: list, eval_pairs: list, out: Path
         last = {**({k: v for k, v in stats.items() if k != "loss/rating"} if B else {}),
                 **({"loss/rating": stats["loss/rating"]} if RB else {}),
                 "loss/train": total, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                "time/sequences_per_s": speed}
+                "time/sequences_per_s": speed, "dist/world_size": W}
         if eval_enc and ((cfg.run.eval_every and done % cfg.run.eval_every == 0) or done == cfg.train.steps):
             with autocast:
                 last.update(evaluate_pairs(model, eval_enc, pad, device, cfg.train.eval_batch_size))
