@@ -33,7 +33,8 @@ def small_pairs() -> Path:
 
     path = Path(tempfile.gettempdir()) / f"rlhfkit_dist_pairs_{os.getuid()}.jsonl"
     src = REPO / "rlhfkit" / "assets" / "data" / "tinystories_fluency_pairs.jsonl.gz"
-    lines = gzip.open(src, "rt", encoding="utf-8").read().splitlines()[:48]
+    with gzip.open(src, "rt", encoding="utf-8") as fh:
+        lines = fh.read().splitlines()[:48]
     text = "".join(line + "\n" for line in lines)
     if not path.exists() or path.read_text(encoding="utf-8") != text:
         path.write_text(text, encoding="utf-8")

@@ -4,7 +4,8 @@ run with batch B, within dist_helpers.TOL (the reason is written there). SFT's e
 `accelerate launch` in test_dist_launch.py. Also: rank 0 alone writes, checkpoints of a 2-process run resume on
 one process (the data position is in global samples), and the rlhfkit.distributed helpers match their
 single-process definitions (global whitening and token count, uneven gather, sharded rollouts).
-All 2-process work is one torchrun launch (conftest.two_processes).
+The 2-process work is one torchrun launch per suite (conftest: two_processes for the default suite,
+two_processes_more for -m slow).
 """
 
 from __future__ import annotations
@@ -27,10 +28,19 @@ from rlhfkit import distributed as D
 from rlhfkit import train_utils as U
 
 
-@pytest.mark.parametrize("stage", ["dpo", "rm", "ppo"])
-def test_two_processes_equal_one_process(stage, reference, two_processes):
+def test_ppo_two_processes_equal_one_process(reference, two_processes):
     root, _, _ = two_processes
-    one, two = reference(stage), root / stage
+    _equal(reference("ppo"), root / "ppo", "ppo")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["dpo", "rm"])
+def test_two_processes_equal_one_process(stage, reference, two_processes_more):
+    root, _, _ = two_processes_more
+    _equal(reference(stage), root / stage, stage)
+
+
+def _equal(one, two, stage):
     assert_same_metrics(one, two)  # also: one metrics line per step, so rank 1 wrote none
     assert_same_weights(one, two, stage)
     assert {r["dist/world_size"] for r in rows(two)} == {2.0} and {r["dist/world_size"] for r in rows(one)} == {1.0}
@@ -39,15 +49,16 @@ def test_two_processes_equal_one_process(stage, reference, two_processes):
 def test_world_size_is_logged_once(two_processes):
     _, results, proc = two_processes
     assert results["checks"]["world_size"] == 2
-    # each stage prints its start line with the world size, from rank 0 only (other ranks' stdout is silenced)
+    # the start line carries the world size, printed by rank 0 only (other ranks' stdout is silenced)
     lines = [ln for ln in proc.stdout.splitlines() if "world size 2 (engine ddp, backend gloo, rank 0" in ln]
-    assert len(lines) == 5, proc.stdout[-2000:]  # dpo, rm, ppo, sft_stopped, ppo_stopped
+    assert len(lines) == 1 and lines[0].startswith("ppo: "), proc.stdout[-2000:]
     assert "rank 1" not in proc.stdout
 
 
-def test_reward_model_normalised_and_evaluated_once(reference, two_processes):
+@pytest.mark.slow
+def test_reward_model_normalised_and_evaluated_once(reference, two_processes_more):
     """rank 0 alone scores the reference set (shift) and the held-out pairs with the trained model"""
-    root, _, _ = two_processes
+    root, _, _ = two_processes_more
     one, two = reference("rm"), root / "rm"
     meta = [json.loads((d / "model" / "reward_model.json").read_text())["normalization"] for d in (one, two)]
     assert abs(meta[0]["shift"] - meta[1]["shift"]) <= TOL and meta[0]["n"] == meta[1]["n"] == 16
@@ -65,9 +76,10 @@ def test_ppo_rollouts_and_samples_equal(reference, two_processes):
     assert all(abs(x["kl"] - y["kl"]) <= 1e-4 for x, y in zip(a, b))  # rounded to 4 digits in the file
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "ppo"])
-def test_checkpoint_of_two_processes_resumes_on_one(stage, reference, two_processes):
-    root, _, _ = two_processes
+def test_checkpoint_of_two_processes_resumes_on_one(stage, reference, two_processes_more):
+    root, _, _ = two_processes_more
     stopped = root / f"{stage}_stopped"
     # written once, by rank 0: one complete step folder and no temp folder left by a second writer
     assert [s for s, _ in U.list_checkpoints(stopped)] == [2] and not (stopped / "model").exists()
