@@ -11,20 +11,17 @@ their defaults; the loop, KL handling, checkpoints and metrics are the same. `rl
 RLOOConfig's defaults (advantage=rloo, kl_mode=reward). Keys are `rlhfkit ppo`'s (rlhfkit/trainers/ppo.py) minus
 the value model's, plus train.num_generations, advantage, scale_rewards, kl_mode, kl_loss_estimator.
 
-One update (a `step` in metrics.jsonl), B = train.rollout_batch_size, G = train.num_generations:
-  1. B / G prompts, each repeated G times, prompt-major (rows [kG, (k+1)G) share a prompt); sample (rlhfkit.rollout),
-     score, shape (reward.*, as PPO);
-  2. reference log-probs: one no-grad pass. Old log-probs: one no-grad pass when the rollout feeds more than one
-     optimizer step (or REINFORCE++, whose whitening needs every row); with one step per rollout (the default)
-     they are the training forward's own log-probs, detached: the ratio is exactly 1 and no pass is spent;
-  3. sequence advantages from the shaped scores: grpo (r - mean_g) / (std_g + 1e-4), std unbiased (G - 1, as
-     torch and TRL); scale_rewards=false drops the division (Dr. GRPO); rloo r - mean of the other G - 1;
-     reinforce_pp: none yet. Per token: A_t = Σ_{s>=t} γ^{s-t} r_s with r_s = -β KL_s (kl_mode=reward) plus the
-     sequence advantage (or score) on the last real token; reinforce_pp then whitens A over the whole batch;
-  4. train.update_epochs x train.num_minibatches AdamW steps; loss = clipped policy loss (ε, ratio vs the old
-     log-probs) + β KL(π || π_ref) as a loss term when kl_mode=loss (k3 weighted by π/π_old, an unbiased
-     gradient; or k3+), aggregated token-mean over the minibatch by default;
-  5. adaptive β (target_kl > 0) as PPO; metrics; samples; checkpoints.
+One update (`step` in metrics.jsonl), B = train.rollout_batch_size, G = train.num_generations:
+  1. B / G prompts, each repeated G times, prompt-major (rows [kG, (k+1)G) share a prompt); sample, score, shape;
+  2. reference log-probs in one no-grad pass; old log-probs in another only when the rollout feeds more than one
+     optimizer step (or REINFORCE++); with one step (the default) the training forward's own detached log-probs
+     are the old ones: ratio exactly 1, no extra pass;
+  3. sequence advantages: grpo (r - mean_g) / (std_g + 1e-4), std unbiased (G - 1, as torch and TRL), no division
+     with scale_rewards=false (Dr. GRPO); rloo r - mean of the other G - 1; reinforce_pp the score itself. Per
+     token A_t = Σ_{s>=t} γ^{s-t} r_s, r_s = -β KL_s (kl_mode=reward) + that advantage on the last real token;
+     reinforce_pp whitens A over the batch;
+  4. update_epochs x num_minibatches AdamW steps on the clipped policy loss (+ β k3 KL term, kl_mode=loss),
+     token-mean over the minibatch by default; 5. adaptive β (target_kl > 0), metrics, samples, checkpoints.
 Data parallel: groups never span ranks, so grpo/rloo advantages are rank-local; REINFORCE++ whitening and the
 token-mean normaliser (`loss_normalizer`) are the two places that need global-batch statistics.
 """
@@ -52,7 +49,7 @@ from rlhfkit.trainers.sft import save_final
 
 @dataclass
 class GRPOTrainConfig:
-    steps: int = 100
+    steps: int = 60
     """Updates; each samples one rollout batch and trains on it."""
     rollout_batch_size: int = 64
     """Completions sampled per update (B), num_generations per prompt: B / G prompts per update."""
@@ -88,8 +85,9 @@ class GRPOConfig:
     kl_mode: Literal["loss", "reward"] = "loss"
     """Where β KL(π || π_ref) enters: loss = a term of the loss (GRPO); reward = -β KL_t on every token, summed
     into the return of the tokens before it (PPO, RLOO, REINFORCE++)."""
-    kl_coef: float = 0.05
-    """β (initial value when target_kl > 0)."""
+    kl_coef: float = 0.2
+    """β (initial value when target_kl > 0). 0.2 as PPO: on the tiny task (docs/critic_free.md) it holds the KL near
+    PPO's; 0.05 let it drift 3x further."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     """Per-token KL estimator in the reward (kl_mode=reward) and in objective/kl (k1 = log π - log π_ref, as PPO)."""
     kl_loss_estimator: Literal["k3_is", "k3_plus", "k3"] = "k3_is"
@@ -182,10 +180,6 @@ def loss_normalizer(cfg: GRPOConfig, mask: torch.Tensor) -> tuple[str, float]:
     if cfg.loss_aggregation == "token-mean":
         return "token-mean", float(mask.sum())
     return cfg.loss_aggregation, float(mask.shape[0])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training loop
 
 
 def main(cfg: GRPOConfig, argv: list[str] | None = None) -> dict:
@@ -295,19 +289,17 @@ def main(cfg: GRPOConfig, argv: list[str] | None = None) -> dict:
         kl = torch.where(mask.bool(), core.kl_estimate(cfg.kl_estimator, logprobs=old_logprobs,
                                                        ref_logprobs=ref_logprobs), 0.0)
         seq_kl = R.per_sequence_sum(kl, mask)  # (B,)
-        kl_coef = kl_ctl.value
-        kl_ctl.update(float(seq_kl.mean()), B)
+        kl_coef, mean_kl = kl_ctl.value, float(seq_kl.mean())
+        kl_ctl.update(mean_kl, B)
         done = step + 1
         elapsed = time.perf_counter() - t0
         mean = functools.partial(_mean, stats)
         metrics = {
-            "objective/score": float(raw.mean()),
-            "objective/score_shaped": float(scores.mean()),
-            "objective/kl": float(seq_kl.mean()),
-            "objective/kl_coef": kl_coef,
+            "objective/score": float(raw.mean()), "objective/score_shaped": float(scores.mean()),
+            "objective/kl": mean_kl, "objective/kl_coef": kl_coef,
             "objective/entropy": float(R.per_sequence_sum(-old_logprobs, mask).mean()),
-            "objective/non_score_reward": -kl_coef * float(seq_kl.mean()),
-            "objective/rlhf_reward": float(scores.mean()) - kl_coef * float(seq_kl.mean()),
+            "objective/non_score_reward": -kl_coef * mean_kl,
+            "objective/rlhf_reward": float(scores.mean()) - kl_coef * mean_kl,
             **group_stats(raw, G),
             "advantages/mean": float(core.masked_mean(ro["advantages"], mask)),
             "advantages/abs_mean": float(core.masked_mean(ro["advantages"].abs(), mask)),
@@ -321,8 +313,7 @@ def main(cfg: GRPOConfig, argv: list[str] | None = None) -> dict:
             "lr": lr, "grad_norm": mean("grad_norm"),
             "time/rollout": t_sample / elapsed, "time/update": (time.perf_counter() - t_update) / elapsed,
             "time/tokens_per_s": int(mask.sum()) / max(t_sample, 1e-9), "time/samples_per_s": B / elapsed,
-            "time/step_s": elapsed,
-        }
+            "time/step_s": elapsed}
         if done % max(1, cfg.run.log_every) == 0 or done == end:
             logger.log(done, metrics)
         bar.update(1)
@@ -369,9 +360,10 @@ def train_minibatch(cfg: GRPOConfig, batch: R.RolloutBatch, mb: list[int], polic
     log-probs and advantages are written into `ro`; otherwise they are read from it."""
     mask = batch.completion_mask
     mode, normalizer = loss_normalizer(cfg, mask[mb])
-    acc = {"loss_policy": 0.0, "loss_kl": 0.0, "clipfrac": 0.0, "approx_kl": 0.0,
-           "ratio_min": float("inf"), "ratio_max": float("-inf")}
-    n_tokens = max(1, int(mask[mb].sum()))
+    n_tokens = mask[mb].sum().clamp(min=1)
+    zero = torch.zeros((), device=mask.device)
+    acc = {"loss_policy": zero, "loss_kl": zero, "clipfrac": zero, "approx_kl": zero}
+    ratio_min, ratio_max = [], []
     for idx in R.micro_batches(mb, cfg.train.micro_batch_size):
         index = torch.as_tensor(idx, device=mask.device)
         m, ref = mask[index], ro["ref_logprobs"][index]
@@ -386,20 +378,21 @@ def train_minibatch(cfg: GRPOConfig, batch: R.RolloutBatch, mb: list[int], polic
             old, adv = ro["old_logprobs"][index], ro["advantages"][index]
         loss, pg = core.ppo_policy_loss(logprobs=logprobs, old_logprobs=old, advantages=adv, mask=m,
                                         clip_coef=cfg.clip_coef, aggregation=mode, normalizer=normalizer)
-        acc["loss_policy"] += loss.item()
+        acc["loss_policy"] = acc["loss_policy"] + loss.detach()
         if cfg.kl_mode == "loss" and kl_coef > 0:
             kl_loss, _ = core.kl_loss_term(logprobs=logprobs, ref_logprobs=ref, mask=m,
                                            old_logprobs=old if cfg.kl_loss_estimator == "k3_is" else None,
                                            estimator="k3_plus" if cfg.kl_loss_estimator == "k3_plus" else "k3",
                                            aggregation=mode, normalizer=normalizer)
-            acc["loss_kl"] += kl_loss.item()
+            acc["loss_kl"] = acc["loss_kl"] + kl_loss.detach()
             loss = loss + kl_coef * kl_loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"policy loss is {loss.item()}")
         loss.backward()
-        share = int(m.sum()) / n_tokens
-        acc["clipfrac"] += float(pg["clipfrac"]) * share
-        acc["approx_kl"] += float(pg["approx_kl"]) * share
-        acc["ratio_min"] = min(acc["ratio_min"], float(pg["ratio_min"]))
-        acc["ratio_max"] = max(acc["ratio_max"], float(pg["ratio_max"]))
-    return acc
+        share = m.sum() / n_tokens  # token-weighted minibatch means
+        acc["clipfrac"] = acc["clipfrac"] + pg["clipfrac"] * share
+        acc["approx_kl"] = acc["approx_kl"] + pg["approx_kl"] * share
+        ratio_min.append(pg["ratio_min"])
+        ratio_max.append(pg["ratio_max"])
+    out = {k: float(v) for k, v in acc.items()}  # one device sync per minibatch
+    if not all(map(torch.isfinite, (acc["loss_policy"], acc["loss_kl"]))):
+        raise FloatingPointError(f"policy loss is {out['loss_policy']} (KL term {out['loss_kl']})")
+    return {**out, "ratio_min": float(torch.stack(ratio_min).min()), "ratio_max": float(torch.stack(ratio_max).max())}

@@ -211,7 +211,7 @@ def test_token_advantages_by_hand():
     ref = torch.tensor([[-1.0, -1.0, -1.0, 0.0]])
     lp = ref + torch.tensor([[0.1, 0.2, 0.3, 0.0]])
     mask = torch.tensor([[1, 1, 1, 0]])
-    kw = dict(seq_adv=torch.tensor([1.0]), logprobs=lp, ref_logprobs=ref, mask=mask, kl_coef=0.5)
+    kw = {"seq_adv": torch.tensor([1.0]), "logprobs": lp, "ref_logprobs": ref, "mask": mask, "kl_coef": 0.5}
     cfg = grpo.GRPOConfig(kl_mode="reward")
     torch.testing.assert_close(grpo.token_advantages(cfg, **kw), torch.tensor([[0.70, 0.75, 0.85, 0.0]]))
     cfg.gamma = 0.5

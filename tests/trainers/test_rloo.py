@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from rlhfkit import cli
@@ -61,7 +62,8 @@ def test_kl_in_the_reward_is_a_return_to_go(tmp_path, monkeypatch):
         to_go = k1.flip(-1).cumsum(-1).flip(-1)  # Σ_{s>=t}
         expected = torch.where(mask, kw["seq_adv"].unsqueeze(-1) - kw["kl_coef"] * to_go, 0.0)
         torch.testing.assert_close(adv, expected, rtol=1e-5, atol=1e-6)
-        assert kw["kl_coef"] == 0.05 and k1.abs().sum() > 0
+        assert kw["kl_coef"] == grpo.RLOOConfig().kl_coef > 0 and k1.abs().sum() > 0
         checked += 1
     assert checked == 2
-    assert rows(tmp_path)[1]["objective/non_score_reward"] == -0.05 * rows(tmp_path)[1]["objective/kl"]
+    second = rows(tmp_path)[1]
+    assert second["objective/non_score_reward"] == pytest.approx(-second["objective/kl_coef"] * second["objective/kl"])
