@@ -29,6 +29,7 @@ token-mean normaliser (`loss_normalizer`) are the two places that need global-ba
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -36,6 +37,7 @@ from typing import Literal
 import torch
 
 from rlhfkit import core
+from rlhfkit import distributed as D
 from rlhfkit import models as M
 from rlhfkit import rl as R
 from rlhfkit import scoring as S
@@ -45,6 +47,7 @@ from rlhfkit.data import load_prompts
 from rlhfkit.errors import UserError, exact_div
 from rlhfkit.trainers.ppo import PPODataConfig
 from rlhfkit.trainers.sft import save_final
+from rlhfkit.vllm_rollout import make_sampler
 
 
 @dataclass
@@ -184,8 +187,8 @@ def loss_normalizer(cfg: GRPOConfig, mask: torch.Tensor) -> tuple[str, float]:
 
 def main(cfg: GRPOConfig, argv: list[str] | None = None) -> dict:
     name = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
-    out = U.setup_run(cfg, argv)
-    device = M.pick_device(cfg.run.device)
+    world = D.init_world(cfg.run)  # one process, or a rank of `accelerate launch` / `torchrun`
+    out, device = world.setup_run(cfg, argv), world.device
     tokenizer = M.load_tokenizer(cfg.model.tokenizer or cfg.model.name, cfg.model.trust_remote_code)
     records = load_prompts(cfg.data.prompts)
     prompt_ids = R.encode_prompts(tokenizer, [r.prompt for r in records], cfg.data.max_prompt_length)
@@ -203,12 +206,14 @@ def main(cfg: GRPOConfig, argv: list[str] | None = None) -> dict:
     t, B, G = cfg.train, cfg.train.rollout_batch_size, cfg.train.num_generations
     minibatch = B // t.num_minibatches
     old_pass = needs_old_pass(cfg)
+    sampler = make_sampler(cfg.gen, cfg.model, world)  # gen.backend=vllm: a vLLM engine on this GPU; else None
 
     def rollout(indices: list[int], seed: int) -> R.RolloutBatch:
+        """This rank's share of the completions for prompts `indices` (all of them in one process)."""
         columns = {k: [records[i].extra.get(k) for i in indices] for k in records[indices[0]].extra}
-        return R.generate_rollout(policy, tokenizer, [records[i].prompt for i in indices],
+        return D.generate_rollout(world, policy, tokenizer, [records[i].prompt for i in indices],
                                   [prompt_ids[i] for i in indices], cfg.gen, seed=seed, columns=columns,
-                                  device=device)
+                                  device=device, sampler=sampler)
 
     start = 0
     if cfg.run.resume:
@@ -217,53 +222,61 @@ def main(cfg: GRPOConfig, argv: list[str] | None = None) -> dict:
             raise UserError(f"--resume: no complete checkpoint in {out}/checkpoints")
         state = U.load_trainer_state(ckpt)
         R.load_weights(policy, ckpt)
-        optimizer.load_state_dict(state["optimizer"])
+        if state["optimizer"] is not None:  # None: FSDP / DeepSpeed keep it in engine/ (world.load_engine_state)
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         U.set_rng_state(state["rng"])
         kl_ctl.value = state["kl_coef"]
         normalizer.load_state_dict(state["normalizer"])
         start = state["step"]
-        R.truncate_samples(out, start)
-    else:
-        (out / "samples.jsonl").unlink(missing_ok=True)
-        if normalizer.mode == "initial":  # fit on samples of the initial policy, which is the reference
-            idx = R.batch_indices(len(records), cfg.reward.normalize_samples, 0, cfg.run.seed + 7919)
-            ref_batch = rollout(idx, seed=cfg.run.seed + 7919)
-            normalizer.fit(S.score_tensor(scorer, ref_batch.prompts, ref_batch.completions, ref_batch.columns))
-            print(f"{name}: score normalisation from {len(idx)} initial samples: mean {normalizer.mean:.4g}, "
-                  f"std {normalizer.std:.4g}", flush=True)
-    logger = U.MetricLogger(out, cfg.run.report_to, resume_step=start if cfg.run.resume else None)
+    elif normalizer.mode == "initial":  # fit on samples of the initial policy, which is the reference
+        idx = R.batch_indices(len(records), cfg.reward.normalize_samples, 0, cfg.run.seed + 7919)
+        ref_batch = rollout(idx, seed=cfg.run.seed + 7919)
+        normalizer.fit(world.gather(S.score_tensor(scorer, ref_batch.prompts, ref_batch.completions,
+                                                   ref_batch.columns)))  # every rank's scores
+        print(f"{name}: score normalisation from {len(idx)} initial samples: mean {normalizer.mean:.4g}, "
+              f"std {normalizer.std:.4g}", flush=True)
+    if world.is_main:
+        R.truncate_samples(out, start) if cfg.run.resume else (out / "samples.jsonl").unlink(missing_ok=True)
+    world.check_split(minibatch, "minibatch size (train.rollout_batch_size / train.num_minibatches)")
+    runner, optimizer = world.prepare(optimizer, t.micro_batch_size, cfg.optim.max_grad_norm, policy=policy)
+    world.load_engine_state(U.latest_checkpoint(out) if cfg.run.resume else None)
+    logger = world.logger(out, cfg.run.report_to, resume_step=start if cfg.run.resume else None)
     print(f"{name}: {len(records)} prompts, {B // G} x {G} completions per update, advantage {cfg.advantage}, "
           f"KL in the {cfg.kl_mode}, {M.count_parameters(policy, True):,} trainable parameters, device {device}, "
-          f"reference: {'LoRA adapter off' if ref_model is None else 'frozen copy'}", flush=True)
+          f"reference: {'LoRA adapter off' if ref_model is None else 'frozen copy'}, {world.describe()}", flush=True)
 
     end = t.steps if not cfg.run.stop_after_steps else min(t.steps, start + cfg.run.stop_after_steps)
-    bar = U.progress(t.steps, name, cfg.run.progress, initial=start, unit="update")
+    bar = U.progress(t.steps, name, cfg.run.progress and world.is_main, initial=start, unit="update")
     t_run, metrics = time.perf_counter(), {}
     for step in range(start, end):
         t0 = time.perf_counter()
-        # 1. rollout: each prompt G times, prompt-major; scores
+        # 1. rollout (this rank's share): each prompt G times, prompt-major; scores
         prompts = R.batch_indices(len(records), B // G, step, cfg.run.seed)
         batch = rollout([i for i in prompts for _ in range(G)], seed=cfg.run.seed * 100_003 + step)
         raw = S.score_tensor(scorer, batch.prompts, batch.completions, batch.columns)
-        scores = S.shape_scores(raw, batch.has_eos, cfg.reward, normalizer).to(device)
         t_sample = time.perf_counter() - t0
-        # 2. reference log-probs; old log-probs and advantages now, or (on-policy step) in the training forward
+        # 2. reference log-probs (and old ones when needed) of the share, no gradient; then the global batch
+        rows = list(range(len(batch)))
+        with world.autocast():  # the launcher's mixed precision, as in the training forward
+            ref_logprobs = torch.cat([R.reference_logprobs(policy, ref_model, batch.select(i), temperature)
+                                      for i in R.micro_batches(rows, t.micro_batch_size)])
+            old = R.score_rollout_forward(policy, batch, temperature, t.micro_batch_size, True) if old_pass else ()
+        batch, (raw, ref_logprobs, *old) = D.gather_rollout(world, batch, raw, ref_logprobs, *old)
+        scores = S.shape_scores(raw, batch.has_eos, cfg.reward, normalizer).to(device)
         mask = batch.completion_mask
-        ref_logprobs = torch.cat([R.reference_logprobs(policy, ref_model, batch.select(i), temperature)
-                                  for i in R.micro_batches(range(B), t.micro_batch_size)])
+        # 3. advantages of the global batch now, or (on-policy step) in the training forward of each micro-batch
         seq_adv = sequence_advantages(cfg, scores)  # (B,)
         ro = {"ref_logprobs": ref_logprobs, "seq_adv": seq_adv, "old_logprobs": torch.zeros_like(ref_logprobs),
               "entropy": torch.zeros_like(ref_logprobs), "advantages": torch.zeros_like(ref_logprobs)}
         if old_pass:
-            ro["old_logprobs"], ro["entropy"] = R.score_rollout_forward(policy, batch, temperature,
-                                                                        t.micro_batch_size, True)
+            ro["old_logprobs"], ro["entropy"] = old
             with torch.no_grad():
                 ro["advantages"] = token_advantages(cfg, seq_adv=seq_adv, logprobs=ro["old_logprobs"],
                                                     ref_logprobs=ref_logprobs, mask=mask, kl_coef=kl_ctl.value)
-                if cfg.advantage == "reinforce_pp":  # global batch whitening (shift and scale), as core
+                if cfg.advantage == "reinforce_pp":  # whitened (shift and scale) over the global batch
                     ro["advantages"] = core.masked_whiten(ro["advantages"], mask, shift_mean=True)
-        # 3. epochs x minibatches x micro-batches
+        # 4. epochs x minibatches x micro-batches (this rank's share of each minibatch)
         t_update = time.perf_counter()
         stats, first, stopped = [], {}, False
         order_gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
@@ -271,8 +284,9 @@ def main(cfg: GRPOConfig, argv: list[str] | None = None) -> dict:
             order = torch.randperm(B, generator=order_gen)
             for mb_start in range(0, B, minibatch):
                 mb = order[mb_start: mb_start + minibatch].tolist()
-                mb_stats = train_minibatch(cfg, batch, mb, policy, ro, kl_ctl.value, temperature, fill=not old_pass)
-                mb_stats["grad_norm"] = U.clip_and_step(params, optimizer, None, cfg.optim.max_grad_norm)
+                mb_stats = train_minibatch(cfg, batch, mb, runner, world, ro, kl_ctl.value, temperature,
+                                           fill=not old_pass)
+                mb_stats["grad_norm"] = world.clip_and_step(params, optimizer, None, cfg.optim.max_grad_norm, runner)
                 stats.append(mb_stats)
                 if not first:
                     first = {"policy/ratio_first_min": mb_stats["ratio_min"],
@@ -282,9 +296,13 @@ def main(cfg: GRPOConfig, argv: list[str] | None = None) -> dict:
                     break
             if stopped:
                 break
+        if not old_pass and world.size > 1:  # each rank filled its own rows (zeros elsewhere): sum = all rows
+            ro.update({k: world.all_reduce(ro[k]) for k in ("old_logprobs", "entropy", "advantages")})
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
-        # 4. KL controller, metrics, samples, checkpoints
+        if sampler is not None:
+            sampler.sync(policy)  # the vLLM engine samples the next rollout from the updated weights
+        # 5. KL controller, metrics, samples, checkpoints
         old_logprobs = ro["old_logprobs"]
         kl = torch.where(mask.bool(), core.kl_estimate(cfg.kl_estimator, logprobs=old_logprobs,
                                                        ref_logprobs=ref_logprobs), 0.0)
@@ -313,24 +331,28 @@ def main(cfg: GRPOConfig, argv: list[str] | None = None) -> dict:
             "lr": lr, "grad_norm": mean("grad_norm"),
             "time/rollout": t_sample / elapsed, "time/update": (time.perf_counter() - t_update) / elapsed,
             "time/tokens_per_s": int(mask.sum()) / max(t_sample, 1e-9), "time/samples_per_s": B / elapsed,
-            "time/step_s": elapsed}
+            "time/step_s": elapsed, "dist/world_size": world.size}
         if done % max(1, cfg.run.log_every) == 0 or done == end:
             logger.log(done, metrics)
         bar.update(1)
         bar.set_postfix(score=f"{metrics['objective/score']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         if t.sample_every and (done % t.sample_every == 0 or done == 1):
-            rows = R.sample_rows(batch, raw, seq_kl, t.num_samples_shown)
-            R.write_samples(out, done, rows)
-            bar.write(R.format_sample_table(done, rows))
+            table = R.sample_rows(batch, raw, seq_kl, t.num_samples_shown)
+            if world.is_main:
+                R.write_samples(out, done, table)
+            bar.write(R.format_sample_table(done, table))
         if (cfg.run.save_every and done % cfg.run.save_every == 0) or (done == end and done < t.steps):
-            U.save_checkpoint(out, done, models={"policy": policy}, tokenizer=tokenizer, optimizer=optimizer,
-                              scheduler=scheduler, keep=cfg.run.keep_checkpoints,
-                              state={"kl_coef": kl_ctl.value, "normalizer": normalizer.state_dict()})
+            world.save_checkpoint(runner, out, done, models={"policy": policy}, tokenizer=tokenizer,
+                                  optimizer=optimizer, scheduler=scheduler, keep=cfg.run.keep_checkpoints,
+                                  state={"kl_coef": kl_ctl.value, "normalizer": normalizer.state_dict()})
     bar.close()
     logger.close()
     result = {**metrics, "step": end, "seconds": time.perf_counter() - t_run}
     if end == t.steps:
-        save_final(policy, tokenizer, out / "model")
+        final = world.savable(runner, policy)  # full weights (a collective under FSDP / ZeRO-3)
+        if world.is_main:
+            save_final(final, tokenizer, out / "model")
+        world.barrier()
         result["model_dir"] = str(out / "model")
         print(f"{name}: saved {out / 'model'} (score {metrics.get('objective/score', float('nan')):.4f}, "
               f"kl {metrics.get('objective/kl', float('nan')):.4f})")
@@ -353,46 +375,58 @@ def group_stats(raw: torch.Tensor, G: int) -> dict[str, float]:
             "groups/zero_std_share": float((groups.max(-1).values == groups.min(-1).values).float().mean())}
 
 
-def train_minibatch(cfg: GRPOConfig, batch: R.RolloutBatch, mb: list[int], policy, ro: dict[str, torch.Tensor],
-                    kl_coef: float, temperature: float, fill: bool) -> dict[str, float]:
-    """Forward/backward of one minibatch in micro-batches; gradients sum to the full-minibatch aggregate.
-    fill (on-policy single step): old log-probs are this forward's own, detached, and the rows' entropy, old
-    log-probs and advantages are written into `ro`; otherwise they are read from it."""
+def policy_logprobs(modules, sub: R.RolloutBatch, temperature: float, with_entropy: bool):
+    """The training forward, run inside the engine's wrapper: (B, T) log-probs and (with_entropy) entropy."""
+    return R.forward_logprobs(modules.policy, sub, temperature, with_entropy)
+
+
+def train_minibatch(cfg: GRPOConfig, batch: R.RolloutBatch, mb: list[int], runner: D.Runner, world: D.World,
+                    ro: dict[str, torch.Tensor], kl_coef: float, temperature: float, fill: bool) -> dict[str, float]:
+    """Forward/backward of this rank's share of one minibatch in micro-batches; the gradients (averaged over
+    ranks by the engine) sum to the whole minibatch's aggregate. fill (on-policy single step): old log-probs are
+    this forward's own, detached, and the rows' entropy, old log-probs and advantages are written into `ro`;
+    otherwise they are read from it. Returns stats over the whole minibatch (all ranks agree)."""
     mask = batch.completion_mask
     mode, normalizer = loss_normalizer(cfg, mask[mb])
+    normalizer /= world.size  # the engine averages the ranks' gradients
     n_tokens = mask[mb].sum().clamp(min=1)
     zero = torch.zeros((), device=mask.device)
     acc = {"loss_policy": zero, "loss_kl": zero, "clipfrac": zero, "approx_kl": zero}
     ratio_min, ratio_max = [], []
-    for idx in R.micro_batches(mb, cfg.train.micro_batch_size):
+    local = list(R.micro_batches(world.shard(mb), cfg.train.micro_batch_size))
+    for k, idx in enumerate(local):
         index = torch.as_tensor(idx, device=mask.device)
         m, ref = mask[index], ro["ref_logprobs"][index]
-        logprobs, entropy = R.forward_logprobs(policy, batch.select(idx), temperature, with_entropy=fill)
-        if fill:
-            old = logprobs.detach()
-            with torch.no_grad():
-                adv = token_advantages(cfg, seq_adv=ro["seq_adv"][index], logprobs=old, ref_logprobs=ref, mask=m,
-                                       kl_coef=kl_coef)
-            ro["old_logprobs"][index], ro["entropy"][index], ro["advantages"][index] = old, entropy, adv
-        else:
-            old, adv = ro["old_logprobs"][index], ro["advantages"][index]
-        loss, pg = core.ppo_policy_loss(logprobs=logprobs, old_logprobs=old, advantages=adv, mask=m,
-                                        clip_coef=cfg.clip_coef, aggregation=mode, normalizer=normalizer)
-        acc["loss_policy"] = acc["loss_policy"] + loss.detach()
-        if cfg.kl_mode == "loss" and kl_coef > 0:
-            kl_loss, _ = core.kl_loss_term(logprobs=logprobs, ref_logprobs=ref, mask=m,
-                                           old_logprobs=old if cfg.kl_loss_estimator == "k3_is" else None,
-                                           estimator="k3_plus" if cfg.kl_loss_estimator == "k3_plus" else "k3",
-                                           aggregation=mode, normalizer=normalizer)
-            acc["loss_kl"] = acc["loss_kl"] + kl_loss.detach()
-            loss = loss + kl_coef * kl_loss
-        loss.backward()
+        with world.accumulate(runner, last=k == len(local) - 1):
+            logprobs, entropy = runner(policy_logprobs, batch.select(idx), temperature, fill)
+            if fill:
+                old = logprobs.detach()
+                with torch.no_grad():
+                    adv = token_advantages(cfg, seq_adv=ro["seq_adv"][index], logprobs=old, ref_logprobs=ref,
+                                           mask=m, kl_coef=kl_coef)
+                ro["old_logprobs"][index], ro["entropy"][index], ro["advantages"][index] = old, entropy, adv
+            else:
+                old, adv = ro["old_logprobs"][index], ro["advantages"][index]
+            loss, pg = core.ppo_policy_loss(logprobs=logprobs, old_logprobs=old, advantages=adv, mask=m,
+                                            clip_coef=cfg.clip_coef, aggregation=mode, normalizer=normalizer)
+            acc["loss_policy"] = acc["loss_policy"] + loss.detach()
+            if cfg.kl_mode == "loss" and kl_coef > 0:
+                kl_loss, _ = core.kl_loss_term(logprobs=logprobs, ref_logprobs=ref, mask=m,
+                                               old_logprobs=old if cfg.kl_loss_estimator == "k3_is" else None,
+                                               estimator="k3_plus" if cfg.kl_loss_estimator == "k3_plus" else "k3",
+                                               aggregation=mode, normalizer=normalizer)
+                acc["loss_kl"] = acc["loss_kl"] + kl_loss.detach()
+                loss = loss + kl_coef * kl_loss
+            world.backward(loss)
         share = m.sum() / n_tokens  # token-weighted minibatch means
         acc["clipfrac"] = acc["clipfrac"] + pg["clipfrac"] * share
         acc["approx_kl"] = acc["approx_kl"] + pg["approx_kl"] * share
         ratio_min.append(pg["ratio_min"])
         ratio_max.append(pg["ratio_max"])
-    out = {k: float(v) for k, v in acc.items()}  # one device sync per minibatch
-    if not all(map(torch.isfinite, (acc["loss_policy"], acc["loss_kl"]))):
+    # one device sync per minibatch; a rank's loss is W x its share of the minibatch's (normaliser N / W)
+    out = world.reduce_floats({k: float(v) / (world.size if k.startswith("loss") else 1) for k, v in acc.items()})
+    if not all(map(math.isfinite, out.values())):
         raise FloatingPointError(f"policy loss is {out['loss_policy']} (KL term {out['loss_kl']})")
-    return {**out, "ratio_min": float(torch.stack(ratio_min).min()), "ratio_max": float(torch.stack(ratio_max).max())}
+    low, high = world.reduce_floats({"min": float(torch.stack(ratio_min).min()),
+                                     "-max": -float(torch.stack(ratio_max).max())}, "min").values()
+    return {**out, "ratio_min": low, "ratio_max": -high}

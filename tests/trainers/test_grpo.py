@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from rlhfkit import cli
-from rlhfkit import rl as R
+from rlhfkit import distributed as D
 from rlhfkit.config import field_docs, load_config
 from rlhfkit.errors import UserError
 from rlhfkit.trainers import grpo, ppo
@@ -121,7 +121,7 @@ def test_advantages_are_computed_within_each_prompts_group(tmp_path, monkeypatch
     reward = tmp_path / "length.py"
     reward.write_text("def chars(prompts, completions):\n    return [float(len(c)) for c in completions]\n")
     seen = {}
-    real_rollout, real_adv = R.generate_rollout, grpo.sequence_advantages
+    real_rollout, real_adv = D.generate_rollout, grpo.sequence_advantages
 
     def rollout_spy(*args, **kwargs):
         batch = real_rollout(*args, **kwargs)
@@ -134,7 +134,7 @@ def test_advantages_are_computed_within_each_prompts_group(tmp_path, monkeypatch
         seen.setdefault("adv", []).append(out.clone())
         return out
 
-    monkeypatch.setattr(R, "generate_rollout", rollout_spy)
+    monkeypatch.setattr(D, "generate_rollout", rollout_spy)
     monkeypatch.setattr(grpo, "sequence_advantages", adv_spy)
     G = 4
     grpo.main(tiny_cfg(tmp_path, **{"reward.function": f"{reward}:chars", "advantage": advantage,
