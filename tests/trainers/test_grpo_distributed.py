@@ -45,7 +45,7 @@ def runs(tmp_path_factory):
            "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "tests/distributed/dist_stages.py", str(root / "spec.json"), str(root / "results.json")],
-                          capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+                          check=False, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     threads = torch.get_num_threads()
     try:
