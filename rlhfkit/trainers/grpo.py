@@ -6,10 +6,10 @@
     rlhfkit grpo ... advantage=reinforce_pp kl_mode=reward                # REINFORCE++
     rlhfkit grpo --config runs/grpo/config.yaml --resume                  # continue an interrupted run
 
-Why one file: the methods differ only in how scores become advantages (three functions in rlhfkit.core) and in
-their defaults; the loop, KL handling, checkpoints and metrics are the same. `rlhfkit rloo` is `rlhfkit grpo` with
-RLOOConfig's defaults (advantage=rloo, kl_mode=reward). Keys are `rlhfkit ppo`'s (rlhfkit/trainers/ppo.py) minus
-the value model's, plus train.num_generations, advantage, scale_rewards, kl_mode, kl_loss_estimator.
+Why one file: the methods differ only in how scores become advantages (rlhfkit.core functions) and in defaults;
+loop, KL, checkpoints and metrics are shared. `rlhfkit rloo` = `rlhfkit grpo` with RLOOConfig's defaults. Keys:
+`rlhfkit ppo`'s minus the value model's, plus train.num_generations, advantage, scale_rewards, kl_mode,
+kl_loss_estimator. Explained, with measured runs, in docs/critic_free.md.
 
 One update (`step` in metrics.jsonl), B = train.rollout_batch_size, G = train.num_generations:
   1. B / G prompts, each repeated G times, prompt-major (rows [kG, (k+1)G) share a prompt); sample, score, shape;
@@ -22,13 +22,13 @@ One update (`step` in metrics.jsonl), B = train.rollout_batch_size, G = train.nu
      reinforce_pp whitens A over the batch;
   4. update_epochs x num_minibatches AdamW steps on the clipped policy loss (+ β k3 KL term, kl_mode=loss),
      token-mean over the minibatch by default; 5. adaptive β (target_kl > 0), metrics, samples, checkpoints.
-Data parallel: groups never span ranks, so grpo/rloo advantages are rank-local; REINFORCE++ whitening and the
-token-mean normaliser (`loss_normalizer`) are the two places that need global-batch statistics.
+Data parallel (accelerate launch / torchrun, rlhfkit.distributed): each rank samples, scores and runs the no-grad
+passes for its share of the rollout; the shares are gathered, so group advantages, REINFORCE++ whitening and
+minibatch orders are those of one process; each rank trains on its share of a minibatch, normaliser N / W.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -127,9 +127,8 @@ class GRPOConfig:
         if not self.scale_rewards and self.advantage != "grpo":
             raise UserError("scale_rewards=false: only for advantage=grpo (rloo never divides by a std; "
                             "reinforce_pp whitens over the batch)")
-        for key in ("kl_coef", "target_kl", "approx_kl_stop"):
-            if getattr(self, key) < 0:
-                raise UserError(f"{key}: must be >= 0")
+        if min(self.kl_coef, self.target_kl, self.approx_kl_stop) < 0:
+            raise UserError("kl_coef, target_kl, approx_kl_stop: must be >= 0")
         if not 0 < self.clip_coef < 1 or not 0 <= self.gamma <= 1:
             raise UserError("clip_coef must be in (0, 1); gamma in [0, 1]")
 
@@ -139,10 +138,6 @@ class RLOOConfig(GRPOConfig):
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/rloo", log_every=1))
     advantage: Literal["grpo", "rloo", "reinforce_pp"] = "rloo"
     kl_mode: Literal["loss", "reward"] = "reward"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Advantages and normalisers (pure functions of tensors and the config)
 
 
 def needs_old_pass(cfg: GRPOConfig) -> bool:
@@ -209,7 +204,6 @@ def main(cfg: GRPOConfig, argv: list[str] | None = None) -> dict:
     sampler = make_sampler(cfg.gen, cfg.model, world)  # gen.backend=vllm: a vLLM engine on this GPU; else None
 
     def rollout(indices: list[int], seed: int) -> R.RolloutBatch:
-        """This rank's share of the completions for prompts `indices` (all of them in one process)."""
         columns = {k: [records[i].extra.get(k) for i in indices] for k in records[indices[0]].extra}
         return D.generate_rollout(world, policy, tokenizer, [records[i].prompt for i in indices],
                                   [prompt_ids[i] for i in indices], cfg.gen, seed=seed, columns=columns,
@@ -311,7 +305,7 @@ def main(cfg: GRPOConfig, argv: list[str] | None = None) -> dict:
         kl_ctl.update(mean_kl, B)
         done = step + 1
         elapsed = time.perf_counter() - t0
-        mean = functools.partial(_mean, stats)
+        mean = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}.__getitem__  # over the minibatches
         metrics = {
             "objective/score": float(raw.mean()), "objective/score_shaped": float(scores.mean()),
             "objective/kl": mean_kl, "objective/kl_coef": kl_coef,
@@ -361,10 +355,6 @@ def main(cfg: GRPOConfig, argv: list[str] | None = None) -> dict:
     return result
 
 
-def _mean(stats: list[dict], key: str) -> float:
-    return sum(s[key] for s in stats) / len(stats)
-
-
 def group_stats(raw: torch.Tensor, G: int) -> dict[str, float]:
     """Mean within-group std of the raw scores (unbiased) and the share of groups whose G scores are all equal
     (their grpo/rloo advantages are 0: no learning signal from that prompt). Empty for G = 1."""
@@ -373,11 +363,6 @@ def group_stats(raw: torch.Tensor, G: int) -> dict[str, float]:
     groups = raw.reshape(-1, G)  # (B/G, G)
     return {"groups/score_std": float(groups.std(-1).mean()),
             "groups/zero_std_share": float((groups.max(-1).values == groups.min(-1).values).float().mean())}
-
-
-def policy_logprobs(modules, sub: R.RolloutBatch, temperature: float, with_entropy: bool):
-    """The training forward, run inside the engine's wrapper: (B, T) log-probs and (with_entropy) entropy."""
-    return R.forward_logprobs(modules.policy, sub, temperature, with_entropy)
 
 
 def train_minibatch(cfg: GRPOConfig, batch: R.RolloutBatch, mb: list[int], runner: D.Runner, world: D.World,
@@ -398,7 +383,9 @@ def train_minibatch(cfg: GRPOConfig, batch: R.RolloutBatch, mb: list[int], runne
         index = torch.as_tensor(idx, device=mask.device)
         m, ref = mask[index], ro["ref_logprobs"][index]
         with world.accumulate(runner, last=k == len(local) - 1):
-            logprobs, entropy = runner(policy_logprobs, batch.select(idx), temperature, fill)
+            # the training forward inside the engine's wrapper (DDP sees it): (b, T) log-probs, entropy if fill
+            logprobs, entropy = runner(lambda mods, sub: R.forward_logprobs(mods.policy, sub, temperature, fill),
+                                       batch.select(idx))
             if fill:
                 old = logprobs.detach()
                 with torch.no_grad():
