@@ -17,8 +17,9 @@ from rlhfkit.config import load_config
 from rlhfkit.trainers import grpo
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "positive_reward.py"
-KL_BOUND = 10.0
-"""Nats per 48-token sequence, as the PPO acceptance test."""
+KL_BOUND = 12.0
+"""Nats per 48-token sequence after 20 updates (PPO's acceptance test: 10 after 12). Measured 2026-11-29: the last
+update's KL was 5.7 (grpo), 7.9 (Dr. GRPO), 7.2 (rloo), 9.2 (REINFORCE++); about 30 s per method on 1 thread."""
 
 METHODS = {
     "grpo": (grpo.GRPOConfig, {}),
