@@ -192,10 +192,10 @@ def main(cfg: SFTConfig, argv: list[str] | None = None) -> dict:
                 loss = nll / (max(1, n_tokens) / world.size)
                 world.backward(loss)
             loss_sum += loss.detach().item()
-            tokens_seen += int(attn.sum())
+        tokens_seen += sum(int(attn.sum()) for _, attn, _ in micro_batches)  # the global batch: every rank's share
         grad_norm = world.clip_and_step(params, optimizer, scheduler, cfg.optim.max_grad_norm, runner)
-        if world.size > 1:  # rank r holds W x its share of the mean loss; tokens/s counts every rank
-            loss_sum, tokens_seen = world.reduce_floats({"loss": loss_sum / world.size, "tok": tokens_seen}).values()
+        if world.size > 1:  # rank r holds W x its share of the mean loss
+            loss_sum = world.reduce_floats({"loss": loss_sum / world.size})["loss"]
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"step {step + 1}: loss is {loss_sum}")
         done = step + 1
