@@ -10,6 +10,7 @@ A recipe is a YAML file that changes some of these keys; each stage's `args` hol
 (`rlhfkit sft|generate|rm train|ppo|dpo|eval --help`), dotted or nested, checked before anything runs.
 
 Layout of run.output_dir:
+    data/                 prepare.function's files (data prepared at run time; ${run.output_dir} names them)
     sft/                  rlhfkit sft (sft.enabled)              -> sft/model, the base policy of every later stage
     roundR/generate/      candidates.jsonl: generate.num_samples completions of the current policy per prompt
     roundR/annotate/      prefs.jsonl: pairs labelled by the simulated crowd, people (web app) or read from a file
@@ -39,6 +40,15 @@ from typing import Any, Callable, Literal
 from rlhfkit.config import GenConfig, ModelConfig, RunConfig, atomic_write_text, load_config, to_dict
 from rlhfkit.errors import UserError
 from rlhfkit.trainers import pipeline_stages as S
+
+
+@dataclass
+class PrepareStage:
+    function: str = ""
+    """MODULE:FN or FILE.py:FN called first as fn(output_dir, **args) to write the run's data into OUT/data (e.g.
+    rlhfkit.recipes.data:prepare_multi30k); other keys name its files as ${run.output_dir}/data/NAME."""
+    args: dict = field(default_factory=dict)
+    """Keyword arguments of the prepare function."""
 
 
 @dataclass
@@ -146,6 +156,7 @@ class PipelineConfig:
     """Sampling for candidates, RL rollouts and evaluation (each stage's args may override it)."""
     rounds: int = 1
     """Rounds of generate -> annotate -> rm -> rl (iterated online RLHF)."""
+    prepare: PrepareStage = field(default_factory=PrepareStage)
     sft: SFTStage = field(default_factory=SFTStage)
     generate: GenerateStage = field(default_factory=GenerateStage)
     annotate: AnnotateStage = field(default_factory=AnnotateStage)
@@ -250,18 +261,25 @@ def run_pipeline(cfg: PipelineConfig, argv: list[str] | None = None, on_human_re
 
     from rlhfkit.config import write_run_files
 
+    S.expand_output_dir(cfg)
     S.check_stage_args(cfg)
     t_start, cpu_start, load_start = time.perf_counter(), S.cpu_seconds(), S.loadavg()
     out = Path(cfg.run.output_dir)
     write_run_files(cfg, out, argv)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    labels = cfg.annotate.source != "file"
-    stages = Stages(out, int(cfg.sft.enabled) + cfg.rounds * (2 * labels + int(cfg.rm.enabled) + 1)
-                    + int(cfg.eval.enabled))
+    # candidates and labels only feed a reward model or DPO (RL on a reward function needs neither)
+    labels = cfg.annotate.source != "file" and (cfg.rm.enabled or cfg.rl.method == "dpo")
+    stages = Stages(out, int(bool(cfg.prepare.function)) + int(cfg.sft.enabled) + int(cfg.eval.enabled)
+                    + cfg.rounds * (2 * labels + int(cfg.rm.enabled) + 1))
     db = str(out / "feedback.db")
 
-    base, base_fp = cfg.model.name, fingerprint("model", to_dict(cfg.model), [])
+    data_fp = []  # the prepared files' digest feeds every later fingerprint
+    if cfg.prepare.function:
+        prep = stages.run("prepare", out / "data", fingerprint("prepare", to_dict(cfg.prepare), []),
+                          lambda resume: S.run_prepare(cfg, out / "data"))
+        data_fp = [prep["digest"]]
+    base, base_fp = cfg.model.name, fingerprint("model", to_dict(cfg.model), data_fp)
     if cfg.sft.enabled:
         scfg = S.sft_config(cfg, str(out / "sft"))
         base_fp = fingerprint("sft", scfg, [base_fp])
@@ -270,6 +288,7 @@ def run_pipeline(cfg: PipelineConfig, argv: list[str] | None = None, on_human_re
 
     policy, policy_fp = base, base_fp
     pair_files: list[str] = []
+    cand_files: list[str] = []
     rm_dir, rm_fp, rl_results, rm_results, checkpoints = "", "", [], [], []
     for r in range(1, cfg.rounds + 1):
         rd = out / f"round{r}"
@@ -292,21 +311,24 @@ def run_pipeline(cfg: PipelineConfig, argv: list[str] | None = None, on_human_re
             stages.run(f"round {r}: annotate ({a.source})", rd / "annotate", ann_fp,
                        lambda resume, c=cands, p=prefs, pr=project: S.run_annotate(cfg, c, p, db, pr, on_human_ready))
             pair_files.append(str(prefs))
+            cand_files.append(str(cands))
             pairs_fp = ann_fp
-        else:
+        elif cfg.annotate.source == "file":
             pair_files = [cfg.annotate.file]
             pairs_fp = fingerprint("pairs", {"digest": S._file_digest(Path(S._resolve(cfg.annotate.file)))}, [])
+        else:
+            pairs_fp = ""
         if cfg.rm.enabled:
             rm_fp = fingerprint("rm", {"args": cfg.rm.args, "seed": cfg.run.seed, "gold": S.judge_of(cfg)},
                                 [pairs_fp, rm_fp])
             rm_results.append(stages.run(f"round {r}: rm", rd / "rm", rm_fp,
-                                         lambda resume, files=list(pair_files), f=rd / "rm":
-                                         S.run_rm(cfg, files, f, resume)))
+                                         lambda resume, files=list(pair_files), f=rd / "rm", c=list(cand_files):
+                                         S.run_rm(cfg, files, f, resume, c)))
             rm_dir = str(rd / "rm")
         rl_fp = fingerprint("rl", {"rl": to_dict(cfg.rl), "model": to_dict(cfg.model), "gen": to_dict(cfg.gen),
                                    "seed": cfg.run.seed}, [policy_fp, rm_fp, pairs_fp])
         rl_results.append(stages.run(f"round {r}: {cfg.rl.method}", rd / "rl", rl_fp,
-                                     lambda resume, p=policy, pf=pair_files[-1], f=rd / "rl", m=rm_dir:
+                                     lambda resume, p=policy, pf=(pair_files or [""])[-1], f=rd / "rl", m=rm_dir:
                                      S.run_rl(cfg, p, cfg.rl.prompts or cfg.generate.prompts, m, pf, f, resume)))
         checkpoints += S.rl_checkpoints(rd / "rl", r, int(rl_results[-1].get("step", 0)))
         policy, policy_fp = str(rd / "rl" / "model"), rl_fp

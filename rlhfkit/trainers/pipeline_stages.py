@@ -59,6 +59,42 @@ def checkpoint_on(cfg: Any, resume: bool) -> Any:
 # ----------------------------------------------------------------------------------------------------------------
 # Stages
 
+OUTPUT_DIR = "${run.output_dir}"
+"""Stands for run.output_dir in any string key of a pipeline config (paths of files the prepare stage writes)."""
+
+
+def expand_output_dir(cfg: Any) -> None:
+    """Replace ${run.output_dir} by cfg.run.output_dir in every string of the config tree (stage args included)."""
+    import dataclasses
+
+    def sub(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace(OUTPUT_DIR, cfg.run.output_dir)
+        if isinstance(value, dict):
+            return {k: sub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [sub(v) for v in value]
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                if f.name != "run":
+                    setattr(value, f.name, sub(getattr(value, f.name)))
+        return value
+
+    sub(cfg)
+
+
+def run_prepare(cfg: PipelineConfig, folder: Path) -> dict:
+    """prepare.function(folder, **prepare.args): writes the run's data files; result + a digest of every file."""
+    from rlhfkit.plugins import load_function
+
+    fn = load_function(cfg.prepare.function, "prepare.function")
+    result = fn(folder, **cfg.prepare.args)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in ("STARTED.json", "DONE.json"))
+    digest = hashlib.sha256("".join(f"{p.relative_to(folder)}:{_file_digest(p)};" for p in files).encode())
+    print(f"prepare: {len(files)} file(s) in {folder}", flush=True)
+    return {"result": result if isinstance(result, dict) else {}, "files": [str(p) for p in files],
+            "digest": digest.hexdigest()[:16]}
+
 
 def generate_config(cfg: PipelineConfig, policy: str, prompts_file: str, out: str, seed: int) -> Any:
     from rlhfkit.trainers import generate as G
@@ -150,7 +186,8 @@ def run_annotate(cfg: PipelineConfig, candidates: Path, out: Path, db: str, proj
     from rlhfkit.annotate.api import collect_preferences
     from rlhfkit.plugins import load_function
 
-    fn = load_function(a.preference, "annotate.preference")
+    fn = with_prompt_columns(load_function(a.preference, "annotate.preference"), prompt_columns([str(candidates)]),
+                             "annotate.preference")
     with LabelProgress(db, project, total, cfg.run.progress):
         res = collect_preferences(str(candidates), str(out), preference=fn, db=db, project=project, k=a.k,
                                   crowd=a.crowd, temperature=a.temperature, length_bias=a.length_bias,
@@ -205,6 +242,34 @@ def collect_human(cfg: PipelineConfig, candidates: Path, out: Path, db: str, pro
     return {"rows": res["rows"], "output": str(out), "import": imported, "db": db}
 
 
+def prompt_columns(files: list[str]) -> dict[str, dict]:
+    """Extra fields (e.g. a translation's "reference") of the prompt records in candidates files, by prompt."""
+    from rlhfkit.data import read_records
+
+    table: dict[str, dict] = {}
+    for f in files:
+        for rec in read_records(f):
+            extra = {k: v for k, v in rec.data.items() if k not in ("prompt", "completions")}
+            table.setdefault(json.dumps(rec.data["prompt"], sort_keys=True), extra)
+    return table
+
+
+def with_prompt_columns(fn: Callable, table: dict[str, dict], what: str) -> Callable:
+    """fn(prompts, completions) that passes fn the extra fields of each prompt's record by name (as the RL trainers
+    and the evaluation do), so a preference like rlhfkit.rewards.mt:chrf gets its `reference`."""
+    from rlhfkit.plugins import call_scorer
+
+    keys = sorted({k for extra in table.values() for k in extra})
+    if not keys:
+        return fn
+
+    def scored(prompts: list, completions: list) -> list[float]:
+        rows = [table.get(json.dumps(p, sort_keys=True), {}) for p in prompts]
+        return call_scorer(fn, prompts, completions, {k: [r.get(k) for r in rows] for k in keys}, what=what)
+
+    return scored
+
+
 def rm_config(cfg: PipelineConfig, train: str, folder: str) -> Any:
     from rlhfkit.trainers import rm as RMT
 
@@ -213,7 +278,8 @@ def rm_config(cfg: PipelineConfig, train: str, folder: str) -> Any:
         "run.threads": cfg.run.threads, "run.device": cfg.run.device}, "rm.args")
 
 
-def run_rm(cfg: PipelineConfig, pair_files: list[str], folder: Path, resume: bool) -> dict:
+def run_rm(cfg: PipelineConfig, pair_files: list[str], folder: Path, resume: bool,
+           candidates: list[str] | None = None) -> dict:
     from rlhfkit.data import read_records, write_jsonl
     from rlhfkit.trainers import rm as RMT
 
@@ -225,6 +291,8 @@ def run_rm(cfg: PipelineConfig, pair_files: list[str], folder: Path, resume: boo
         raise UserError(f"rm: stopped before the end; re-run the pipeline to continue ({folder})")
     result["pairs_file"] = str(train)
     gold = gold_function(cfg)
+    if gold is not None and candidates:
+        gold = with_prompt_columns(gold, prompt_columns(candidates), "eval.judge")
     if gold is not None and rcfg.data.eval_fraction > 0:
         result.update(rm_gold_check(rcfg, folder, gold))
     return result
@@ -377,6 +445,8 @@ def _sft(scfg: Any, resume: bool) -> dict:
 
 
 def _file_digest(path: Path) -> str:
+    if not Path(path).is_file():
+        raise UserError(f"{path}: file not found")
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
