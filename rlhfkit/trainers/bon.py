@@ -1,6 +1,6 @@
 """Best-of-n rejection sampling: sample n completions per prompt, score them, keep the best as SFT data.
 
-    rlhfkit bon model.name=stories260k reward.function=tests/fixtures/positive_reward.py:positivity \
+    rlhfkit bon model.name=stories260k reward.function=tests/fixtures/positive_reward.py:positivity \\
         num_samples=8 output=runs/bon/sft.jsonl pairs_output=runs/bon/pairs.jsonl
     rlhfkit sft data.train=runs/bon/sft.jsonl ...       # fine-tune on the winners (rejection-sampling fine-tuning)
     rlhfkit dpo data.train=runs/bon/pairs.jsonl ...     # or DPO on best-vs-worst pairs
