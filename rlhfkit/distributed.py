@@ -101,8 +101,9 @@ class World:
         if self.accelerator is None:
             return "single"
         name = self.accelerator.distributed_type.name
-        return "deepspeed" if name == "DEEPSPEED" else "fsdp" if name == "FSDP" else "ddp" if self.size > 1 else \
-            "single"
+        if name in ("DEEPSPEED", "FSDP"):
+            return name.lower()
+        return "ddp" if self.size > 1 else "single"
 
     @property
     def shards_params(self) -> bool:
