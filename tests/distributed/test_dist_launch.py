@@ -8,6 +8,8 @@ machine without GPUs, accelerate starts several processes only for a config like
 
 from __future__ import annotations
 
+import pytest
+import torch
 from dist_helpers import accelerate_launch, assert_same_metrics, assert_same_weights, command, rows
 
 from rlhfkit import train_utils as U
@@ -26,3 +28,17 @@ def test_accelerate_launch_sft_on_two_processes_equals_one(reference, tmp_path):
     assert_same_weights(one, out, "sft")
     assert [s for s, _ in U.list_checkpoints(out)] == [2]  # checkpoint written once (run.save_every=2)
     assert (out / "config.yaml").is_file() and (out / "command.txt").read_text().startswith("rlhfkit sft ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the note is for machines without GPUs")
+def test_one_process_started_by_accelerate_on_a_cpu_machine_gets_a_note(monkeypatch, capsys):
+    """`accelerate launch --num_processes 2` without --multi_gpu or a multi-process config starts ONE process on a
+    machine without GPUs (accelerate's rule); its environment marks it, and rlhfkit says how to get two."""
+    from rlhfkit import distributed as D
+    from rlhfkit.config import RunConfig
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # set by every accelerate launch
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    world = D.init_world(RunConfig(device="cpu"))
+    assert world.size == 1 and world.accelerator is None
+    assert "add --multi_gpu" in capsys.readouterr().err
