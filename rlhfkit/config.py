@@ -100,6 +100,15 @@ class ModelConfig:
 
 
 @dataclass
+class PolicyModelConfig(ModelConfig):
+    """The model section of stages that keep a frozen reference policy (PPO, GRPO/RLOO, DPO)."""
+
+    reference: str = ""
+    """Frozen reference policy π_ref (hub id or folder); empty = the starting policy model.name. With LoRA and an empty
+    reference, π_ref is the policy with its adapter disabled (no second copy in memory)."""
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     """Peak learning rate of AdamW."""

@@ -199,11 +199,12 @@ def reference_logprobs(policy: Any, ref_model: Any | None, batch: RolloutBatch, 
 
 
 def load_reference(policy: Any, cfg: ModelConfig, device: torch.device) -> Any | None:
-    """The frozen reference policy: None for a LoRA policy (use the adapter-off base), else a fresh copy of
-    cfg.name in eval mode without gradients."""
-    if hasattr(policy, "disable_adapter"):
+    """The frozen reference policy: None for a LoRA policy without model.reference (use the adapter-off base), else
+    a fresh load of model.reference (default: the starting model.name) in eval mode without gradients."""
+    reference = getattr(cfg, "reference", "")
+    if hasattr(policy, "disable_adapter") and not reference:
         return None
-    ref = M.load_causal_lm(cfg, device).eval()
+    ref = M.load_causal_lm(cfg, device, name=reference or None).eval()
     ref.requires_grad_(False)
     return ref
 

@@ -32,7 +32,7 @@ import torch
 from rlhfkit import distributed as D
 from rlhfkit import models as M
 from rlhfkit import train_utils as U
-from rlhfkit.config import ModelConfig, OptimConfig, RunConfig
+from rlhfkit.config import OptimConfig, PolicyModelConfig, RunConfig
 from rlhfkit.core.logprobs import gather_logprobs, masked_sum
 from rlhfkit.core.losses import dpo_loss
 from rlhfkit.data import load_preferences
@@ -43,13 +43,6 @@ from rlhfkit.trainers.sft import _load_weights, sample_order, save_final
 
 STAT_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
              "logps/rejected")  # logged per step (train) and, prefixed eval/, per evaluation
-
-
-@dataclass
-class DPOModelConfig(ModelConfig):
-    reference: str = ""
-    """Reference model π_ref (hub id or folder); empty = the starting policy model.name. With LoRA and an empty
-    reference, π_ref is the policy with its adapter disabled (no second copy in memory)."""
 
 
 @dataclass
@@ -97,7 +90,7 @@ class DPOTrainConfig:
 @dataclass
 class DPOConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/dpo"))
-    model: DPOModelConfig = field(default_factory=DPOModelConfig)
+    model: PolicyModelConfig = field(default_factory=PolicyModelConfig)
     data: DPODataConfig = field(default_factory=DPODataConfig)
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=10))

@@ -42,7 +42,7 @@ from rlhfkit import models as M
 from rlhfkit import rl as R
 from rlhfkit import scoring as S
 from rlhfkit import train_utils as U
-from rlhfkit.config import GenConfig, ModelConfig, OptimConfig, RunConfig
+from rlhfkit.config import GenConfig, OptimConfig, PolicyModelConfig, RunConfig
 from rlhfkit.data import load_prompts
 from rlhfkit.errors import UserError, exact_div
 from rlhfkit.trainers.ppo import PPODataConfig
@@ -73,7 +73,7 @@ class GRPOTrainConfig:
 @dataclass
 class GRPOConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/grpo", log_every=1))
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: PolicyModelConfig = field(default_factory=PolicyModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, schedule="linear", max_grad_norm=1.0))
     gen: GenConfig = field(default_factory=lambda: GenConfig(max_new_tokens=48, temperature=1.0, batch_size=64))
     data: PPODataConfig = field(default_factory=PPODataConfig)

@@ -23,7 +23,7 @@ A stage is finished when its DONE.json exists and records the same fingerprint (
 config and of its inputs' fingerprints); a stage whose config or inputs changed runs again, and so does everything
 after it. A stage that stopped half-way resumes from its newest checkpoint (trainers) or its database (labels).
 Rounds (`rounds: N`, iterated online RLHF): round R samples from round R-1's policy, collects new labels, retrains
-the reward model on all labels so far and continues RL from that policy (whose KL leash is that round's start).
+the reward model on all labels so far and continues RL from that policy; the KL leash stays on the base policy.
 """
 
 from __future__ import annotations
@@ -329,7 +329,8 @@ def run_pipeline(cfg: PipelineConfig, argv: list[str] | None = None, on_human_re
                                    "seed": cfg.run.seed}, [policy_fp, rm_fp, pairs_fp])
         rl_results.append(stages.run(f"round {r}: {cfg.rl.method}", rd / "rl", rl_fp,
                                      lambda resume, p=policy, pf=(pair_files or [""])[-1], f=rd / "rl", m=rm_dir:
-                                     S.run_rl(cfg, p, cfg.rl.prompts or cfg.generate.prompts, m, pf, f, resume)))
+                                     S.run_rl(cfg, p, cfg.rl.prompts or cfg.generate.prompts, m, pf, f, resume,
+                                              reference=base)))
         checkpoints += S.rl_checkpoints(rd / "rl", r, int(rl_results[-1].get("step", 0)))
         policy, policy_fp = str(rd / "rl" / "model"), rl_fp
 

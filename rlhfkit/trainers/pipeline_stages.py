@@ -329,15 +329,17 @@ def rm_gold_check(rcfg: Any, folder: Path, gold: Callable) -> dict:
             "gold_decided_pairs": len(decided), "scatter": [g, r]}
 
 
-def rl_config(cfg: PipelineConfig, policy: str, prompts: str, rm_dir: str, pairs: str, folder: str
-              ) -> tuple[Any, Any]:
-    """(trainer module, its validated config) of the RL stage."""
+def rl_config(cfg: PipelineConfig, policy: str, prompts: str, rm_dir: str, pairs: str, folder: str,
+              reference: str = "") -> tuple[Any, Any]:
+    """(trainer module, its validated config) of the RL stage. `reference` is the KL anchor when it is not the
+    starting policy (rounds after the first keep the base policy as π_ref)."""
     import importlib
 
     module_name, cls_name = rl_command(cfg.rl.method)
     module = importlib.import_module(module_name)
     forced: dict[str, Any] = {"run.output_dir": folder, "run.seed": cfg.run.seed, "run.progress": cfg.run.progress,
-                              "run.threads": cfg.run.threads, "run.device": cfg.run.device, "model.name": policy}
+                              "run.threads": cfg.run.threads, "run.device": cfg.run.device, "model.name": policy,
+                              "model.reference": reference if reference != policy else ""}
     defaults: dict[str, Any] = {f"model.{k}": v for k, v in to_dict(cfg.model).items() if k != "name"}
     if cfg.rl.method == "dpo":
         forced["data.train"] = pairs
@@ -353,8 +355,8 @@ def rl_config(cfg: PipelineConfig, policy: str, prompts: str, rm_dir: str, pairs
 
 
 def run_rl(cfg: PipelineConfig, policy: str, prompts: str, rm_dir: str, pairs: str, folder: Path,
-           resume: bool) -> dict:
-    module, rcfg = rl_config(cfg, policy, prompts, rm_dir, pairs, str(folder))
+           resume: bool, reference: str = "") -> dict:
+    module, rcfg = rl_config(cfg, policy, prompts, rm_dir, pairs, str(folder), reference)
     result = module.main(checkpoint_on(rcfg, resume), ["rlhfkit", "pipeline", cfg.rl.method])
     if "model_dir" not in result:
         raise UserError(f"rl: {cfg.rl.method} stopped at step {result.get('step')} of {rcfg.train.steps}; re-run "

@@ -38,7 +38,7 @@ from rlhfkit import models as M
 from rlhfkit import rl as R
 from rlhfkit import scoring as S
 from rlhfkit import train_utils as U
-from rlhfkit.config import GenConfig, ModelConfig, OptimConfig, RunConfig
+from rlhfkit.config import GenConfig, OptimConfig, PolicyModelConfig, RunConfig
 from rlhfkit.core.losses import Aggregation
 from rlhfkit.data import load_prompts
 from rlhfkit.errors import UserError, exact_div
@@ -76,7 +76,7 @@ class PPOTrainConfig:
 @dataclass
 class PPOConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/ppo", log_every=1))
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: PolicyModelConfig = field(default_factory=PolicyModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, schedule="linear", max_grad_norm=1.0))
     gen: GenConfig = field(default_factory=lambda: GenConfig(max_new_tokens=48, temperature=1.0, batch_size=64))
     data: PPODataConfig = field(default_factory=PPODataConfig)

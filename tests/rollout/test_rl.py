@@ -10,7 +10,7 @@ import torch
 
 from rlhfkit import models as M
 from rlhfkit import rl as R
-from rlhfkit.config import GenConfig, ModelConfig
+from rlhfkit.config import GenConfig, ModelConfig, PolicyModelConfig
 from rlhfkit.heads import load_scalar_model, scalar_outputs
 
 
@@ -138,3 +138,22 @@ def test_sample_table_and_files(tmp_path):
     R.write_samples(tmp_path, 2, rows)
     R.truncate_samples(tmp_path, 1)
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
+
+
+def test_model_reference_is_the_kl_anchor(stories, tmp_path):
+    # a different reference folder (e.g. the base policy in a later pipeline round) is loaded as π_ref,
+    # also for a LoRA policy (which otherwise uses its adapter-off base)
+    other = copy.deepcopy(stories)
+    with torch.no_grad():
+        other.model.norm.weight.mul_(1.5)
+    other.save_pretrained(tmp_path / "ref")
+    cfg = PolicyModelConfig(reference=str(tmp_path / "ref"))
+    b = small_batch()
+    for policy in (stories, M.apply_lora(copy.deepcopy(stories), ModelConfig(lora_r=4))):
+        ref_model = R.load_reference(policy, cfg, torch.device("cpu"))
+        assert ref_model is not None
+        with torch.no_grad():
+            ref = R.reference_logprobs(policy, ref_model, b, 1.0)
+            expected, _ = R.forward_logprobs(other, b, 1.0)
+            own, _ = R.forward_logprobs(stories, b, 1.0)
+        assert torch.allclose(ref, expected, atol=1e-6) and not torch.allclose(ref, own, atol=1e-3)
