@@ -7,7 +7,8 @@ Two backends (`gen.backend`):
 - `fast` (the default through `auto` for Llama / Mistral / Qwen2 / GPT-2 models, LoRA included): `FastDecoder`, a
   lean decode loop in this file on the model's own weights with a preallocated KV cache. Small models on CPU spend
   most of HF `generate()`'s time in per-step Python (modules, cache objects, mask building, logits processors);
-  here a step is ~30 tensor calls per layer (see `FastDecoder._step`). `bench/bench_rollout.py` measures it.
+  here a step is ~20 tensor calls per layer on prepacked weights, and small steps run on one thread (see
+  `FastDecoder`). `bench/bench_rollout.py` and `bench/suite.py` measure it.
 - `hf`: transformers `generate()`, for every other architecture (`auto` falls back to it).
 
 Both return, per generated token, log p(token) under softmax(logits / temperature) of the *unfiltered*
@@ -68,7 +69,7 @@ def sample(model: Any, tokenizer: Any, prompt_ids: list[list[int]], gen: GenConf
         with rng:
             if seed is not None:
                 torch.manual_seed(seed)
-            engine = FastDecoder(model) if backend == "fast" else None
+            engine = FastDecoder(model, min(gen.batch_size, len(prompt_ids))) if backend == "fast" else None
             for i in range(0, len(prompt_ids), gen.batch_size):
                 chunk = prompt_ids[i: i + gen.batch_size]
                 if engine is not None:
@@ -122,19 +123,23 @@ def sample_next(logits: torch.Tensor, gen: GenConfig, ban: int | None = None) ->
     if gen.temperature == 0:
         tokens = (z if ban is None else _filter(z, gen, ban)).argmax(-1, keepdim=True)  # (B, 1)
         return tokens, z.gather(-1, tokens) - torch.logsumexp(z, -1, keepdim=True)
-    if ban is None and not gen.top_k and gen.top_p >= 1.0:
+    if not gen.top_k and gen.top_p >= 1.0:
         probs = torch.softmax(z, -1)  # (B, V)
-        tokens = _inverse_cdf(probs)
-        return tokens, probs.gather(-1, tokens).log()  # drawn tokens have probability > 0
+        # a banned token: its probability zeroed, the rest renormalised by the inverse CDF itself (one exp pass,
+        # not two); unless it held all the mass a float32 softmax can represent (then the log-space path below)
+        allowed = probs if ban is None else probs.index_fill(-1, torch.tensor(ban, device=probs.device), 0.0)
+        cdf = allowed.cumsum(-1)  # (B, V)
+        if ban is None or bool(cdf[:, -1].min() > 0):
+            tokens = _inverse_cdf(cdf)
+            return tokens, probs.gather(-1, tokens).log()  # drawn tokens have probability > 0
     # filtered (in log space, so a row whose mass sits on banned tokens still renormalises); the log-prob is
     # under the unfiltered distribution, which is what the training forward scores
-    tokens = _inverse_cdf(torch.softmax(_filter(z, gen, ban), -1))
+    tokens = _inverse_cdf(torch.softmax(_filter(z, gen, ban), -1).cumsum(-1))
     return tokens, z.gather(-1, tokens) - torch.logsumexp(z, -1, keepdim=True)
 
 
-def _inverse_cdf(probs: torch.Tensor) -> torch.Tensor:
-    """Draw one index per row of probs (B, V) (rows need not sum exactly to 1): (B, 1)."""
-    cdf = probs.cumsum(-1)  # (B, V)
+def _inverse_cdf(cdf: torch.Tensor) -> torch.Tensor:
+    """Draw one index per row from cumulative probabilities cdf (B, V) (rows need not end exactly at 1): (B, 1)."""
     # u < total strictly (r < 1 - 2^-22 absorbs the rounding of the product), and right=True sends u == cdf[i] to
     # i + 1: a token whose probability is 0 (a flat step of the cdf) is never drawn, and the index is always < V
     u = torch.empty(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device).uniform_(0, 1 - 2.0 ** -22)
@@ -245,17 +250,18 @@ def _linear(mod: Any, conv1d: bool = False) -> tuple[torch.Tensor, torch.Tensor 
 def _rotate_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Rows (or entries of a bias) of a q/k projection reordered so that x @ result.T == rotate_half(x @ w.T):
     per head, (-second half, first half). Negation and reordering are exact, so the folded projection gives
-    bit-for-bit the rotate_half of the plain one (and the flip costs no op at decode time)."""
+    the rotate_half of the plain one (and the flip costs no op at decode time)."""
     heads = w.unflatten(0, (n_heads, 2, -1))  # (H, 2, D/2, ...)
     return torch.cat([-heads[:, 1:], heads[:, :1]], 1).flatten(0, 2)
 
 
-def _fn_act(name: str, module: Any) -> Callable:
-    """The activation as a plain function (an nn.Module call costs a few microseconds per step)."""
-    table = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
-             "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-             "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
-    return table.get(name, module)
+def _fn_act(name: str, module: Any) -> tuple[Callable, tuple[str, str] | None]:
+    """The activation as a plain function (an nn.Module call costs a few microseconds per step), and its name as a
+    oneDNN post-op (attr, algorithm) when the projection before it can apply it in the same kernel."""
+    tanh = (lambda x: F.gelu(x, approximate="tanh"), ("gelu", "tanh"))
+    table = {"silu": (F.silu, ("swish", "")), "swish": (F.silu, ("swish", "")), "relu": (F.relu, ("relu", "")),
+             "gelu": (F.gelu, ("gelu", "none")), "gelu_new": tanh, "gelu_pytorch_tanh": tanh}
+    return table.get(name, (module, None))
 
 
 def _bias(biases: list, weights: list) -> torch.Tensor | None:
@@ -264,30 +270,74 @@ def _bias(biases: list, weights: list) -> torch.Tensor | None:
     return torch.cat([b if b is not None else w.new_zeros(len(w)) for b, w in zip(biases, weights)])
 
 
+PACK_MIN_WEIGHTS = 2 ** 16
+"""Smallest weight matrix (entries) worth prepacking: a oneDNN call costs ~15 us more than addmm, which the saved
+re-packing pays back from about this size on (256 x 256: even with the weights in cache, and ahead once a decode
+step streams all the weights through the cache; measured at batch 8, bench/README.md)."""
+
+
+def _packable(w: torch.Tensor) -> bool:
+    return (w.device.type == "cpu" and w.dtype == torch.float32 and w.numel() >= PACK_MIN_WEIGHTS
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+class _Proj:
+    """y = x @ Wᵀ + b for x (N, in), optionally with a fused activation or residual add.
+
+    On CPU in float32 the weight is reordered once per FastDecoder into oneDNN's blocked layout
+    (torch.ops.mkldnn._reorder_linear_weight, what torch.compile's CPU weight freezing uses): at decode batch sizes
+    (B rows) MKL's sgemm re-packs the whole weight matrix on every call, so the prepacked product is about 1.4x
+    faster with one thread and far steadier with two on a busy machine (bench/README.md); bias, GELU/SiLU/ReLU and
+    the residual add run in the same kernel. Elsewhere (GPU, half precision): addmm on the weight as is.
+    Naive equivalent (tested through FastDecoder == HF): act(x @ w.T + b) and h + x @ w.T + b."""
+
+    __slots__ = ("w_t", "b", "packed")
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, rows: int):
+        """w (out, in), b (out,) or None; rows: the typical N (a hint for the blocked layout)."""
+        self.b = b
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows) if _packable(w) else None
+        self.w_t = None if self.packed is not None else w.t()
+
+    def __call__(self, x: torch.Tensor, post: tuple[str, str] | None = None, act: Callable | None = None
+                 ) -> torch.Tensor:
+        """act(x @ Wᵀ + b); post is act's oneDNN name (used when prepacked), act the fallback function."""
+        if self.packed is not None:
+            attr, algo = post or ("none", "")
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.b, attr, [], algo)
+        y = torch.mm(x, self.w_t) if self.b is None else torch.addmm(self.b, x, self.w_t)
+        return y if post is None else act(y)
+
+    def add(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """h + x @ Wᵀ + b: the residual add fused into the product."""
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, h, self.packed, self.b, "add")
+        out = torch.addmm(h, x, self.w_t)
+        return out if self.b is None else out.add_(self.b)
+
+
 @dataclass
 class _Layer:
-    """One block's weights as (in, out) matrices for x @ W (fused ones are contiguous copies, the others views)."""
+    """One block's projections, with weights folded at build time."""
 
     norm1: tuple | None
-    """LayerNorm (weight, bias) for GPT-2; None for RMSNorm, whose weight is folded into wqkv_t's rows."""
+    """LayerNorm (weight, bias) for GPT-2; None for RMSNorm, whose weight is folded into qkv's columns."""
     norm2: tuple | None
-    wqkv_t: torch.Tensor
-    """Llama [q, k, rot(q), rot(k), v] (RoPE folded in, see _rotate_rows), GPT-2 [q, k, v]; q columns
-    pre-multiplied by the attention scale 1/sqrt(D)."""
-    bqkv: torch.Tensor | None
-    wo_t: torch.Tensor
-    bo: torch.Tensor | None
-    w_in_t: torch.Tensor
-    """gate and up side by side (gated MLP), or c_fc."""
-    b_in: torch.Tensor | None
-    w_out_t: torch.Tensor
-    b_out: torch.Tensor | None
+    qkv: _Proj
+    """Llama [q, k, rot(q), rot(k), v] (RoPE folded in, see _rotate_rows), GPT-2 [q, k, v]; q rows pre-multiplied
+    by the attention scale 1/sqrt(D)."""
+    o: _Proj
+    fc_in: _Proj
+    """gate and up stacked (gated MLP), or c_fc."""
+    fc_out: _Proj
     act: Callable
+    post: tuple[str, str] | None
+    """act as a oneDNN post-op of fc_in (non-gated MLPs), or None."""
 
 
-def _llama_layers(inner: Any, n_heads: int, n_kv: int) -> list[_Layer]:
+def _llama_layers(inner: Any, n_heads: int, n_kv: int, rows: int) -> list[_Layer]:
     layers = []
-    act = _fn_act(inner.config.hidden_act, inner.model.layers[0].mlp.act_fn)
+    act, _ = _fn_act(inner.config.hidden_act, inner.model.layers[0].mlp.act_fn)
     for blk in inner.model.layers:
         at, mlp = blk.self_attn, blk.mlp
         (wq, bq), (wk, bk), (wv, bv) = _linear(at.q_proj), _linear(at.k_proj), _linear(at.v_proj)
@@ -295,24 +345,22 @@ def _llama_layers(inner: Any, n_heads: int, n_kv: int) -> list[_Layer]:
         bqr = None if bq is None else _rotate_rows(bq, n_heads)
         bkr = None if bk is None else _rotate_rows(bk, n_kv)
         (wg, bg), (wu, bu) = _linear(mlp.gate_proj), _linear(mlp.up_proj)
-        wo, bo = _linear(at.o_proj)
-        w_out, b_out = _linear(mlp.down_proj)
         s = (wq.shape[0] // n_heads) ** -0.5  # attention scale 1/sqrt(D), folded into the q rows
         bq, bqr = (None, None) if bq is None else (bq * s, bqr * s)
         # RMSNorm weights folded into the next projection: (x̂ ⊙ g) Wᵀ = x̂ (W diag g)ᵀ
         g1, g2 = blk.input_layernorm.weight, blk.post_attention_layernorm.weight
         layers.append(_Layer(
             norm1=None, norm2=None,
-            wqkv_t=(torch.cat([wq * s, wk, wqr * s, wkr, wv]) * g1).t().contiguous(),
-            bqkv=_bias([bq, bk, bqr, bkr, bv], [wq, wk, wqr, wkr, wv]), wo_t=wo.t(), bo=bo,
-            w_in_t=(torch.cat([wg, wu]) * g2).t().contiguous(), b_in=_bias([bg, bu], [wg, wu]),
-            w_out_t=w_out.t(), b_out=b_out, act=act))
+            qkv=_Proj(torch.cat([wq * s, wk, wqr * s, wkr, wv]) * g1,
+                      _bias([bq, bk, bqr, bkr, bv], [wq, wk, wqr, wkr, wv]), rows),
+            o=_Proj(*_linear(at.o_proj), rows), fc_in=_Proj(torch.cat([wg, wu]) * g2, _bias([bg, bu], [wg, wu]), rows),
+            fc_out=_Proj(*_linear(mlp.down_proj), rows), act=act, post=None))
     return layers
 
 
-def _gpt2_layers(inner: Any) -> list[_Layer]:
+def _gpt2_layers(inner: Any, rows: int) -> list[_Layer]:
     layers = []
-    act = _fn_act(inner.config.activation_function, inner.transformer.h[0].mlp.act)
+    act, post = _fn_act(inner.config.activation_function, inner.transformer.h[0].mlp.act)
     for blk in inner.transformer.h:
         at, mlp = blk.attn, blk.mlp
         wqkv, bqkv = _linear(at.c_attn, conv1d=True)  # (out, in) view of the (in, out) Conv1D weight
@@ -320,20 +368,21 @@ def _gpt2_layers(inner: Any) -> list[_Layer]:
         scale = torch.ones(wqkv.shape[0], dtype=wqkv.dtype, device=wqkv.device)
         scale[:n] = (n // inner.config.n_head) ** -0.5  # attention scale 1/sqrt(D), folded into the q rows
         wqkv, bqkv = wqkv * scale[:, None], None if bqkv is None else bqkv * scale
-        (wo, bo), (w_in, b_in), (w_out, b_out) = (_linear(m, conv1d=True) for m in (at.c_proj, mlp.c_fc, mlp.c_proj))
+        o, fc_in, fc_out = (_Proj(*_linear(m, conv1d=True), rows) for m in (at.c_proj, mlp.c_fc, mlp.c_proj))
         layers.append(_Layer(norm1=(blk.ln_1.weight, blk.ln_1.bias), norm2=(blk.ln_2.weight, blk.ln_2.bias),
-                             wqkv_t=wqkv.t().contiguous(), bqkv=bqkv, wo_t=wo.t(), bo=bo, w_in_t=w_in.t(),
-                             b_in=b_in, w_out_t=w_out.t(), b_out=b_out, act=act))
+                             qkv=_Proj(wqkv, bqkv, rows), o=o, fc_in=fc_in, fc_out=fc_out, act=act, post=post))
     return layers
-
-
-def _mm(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x @ w_t (+ b) for x (N, in), w_t (in, out)."""
-    return torch.mm(x, w_t) if b is None else torch.addmm(b, x, w_t)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Fast backend: decode loop
+
+DECODE_ONE_THREAD_FLOPS = 2 ** 27
+"""Decode steps whose weight products take fewer FLOPs than this (2 x batch x weights; 2^27 ~ 134M) run on one
+intra-op thread. Their ops are microseconds long, so splitting them saves little on an idle machine, while every
+split op is a thread-pool barrier: with other jobs on the cores each barrier waits for a descheduled thread, and
+two threads measured 3-10x slower than one for the 4-layer GPT-2 at batch 8 (bench/README.md). Numbers are the
+same with either setting (the products split rows and columns, never the sum)."""
 
 
 class FastDecoder:
@@ -345,11 +394,13 @@ class FastDecoder:
     on (B, H) rows. Weight folding done at build time, so no decode step pays for it:
       - q, k, rotate_half(q), rotate_half(k), v come out of one matrix product (`_rotate_rows`), so RoPE is
         q·cos + q_rot·sin (two elementwise ops) with cos/sin rows gathered once per generate call;
-      - the attention scale 1/sqrt(D) sits in the q columns, RMSNorm weights in the next projection's rows;
-      - residual adds are fused into addmm.
+      - the attention scale 1/sqrt(D) sits in the q rows, RMSNorm weights (the final one too) in the next
+        projection's columns;
+      - weights are prepacked for oneDNN (`_Proj`); bias, activation and residual adds are fused into the products.
+    A GPT-2 step is 4 + 16 per layer tensor ops plus sampling (HF generate: about 4x as many, plus module calls).
     """
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, batch: int = 8):
         reason = fast_unsupported_reason(model)
         if reason is not None:
             raise UserError(f"gen.backend=fast: {reason}")
@@ -359,12 +410,13 @@ class FastDecoder:
         first = next(inner.parameters())
         self.device, self.dtype = first.device, first.dtype
         self.n_heads = cfg.num_attention_heads
+        lm_w, lm_b = _linear(inner.lm_head)
         if self.kind == "gpt2":
             self.n_kv = self.n_heads
             self.head_dim = cfg.n_embd // cfg.n_head
             self.eps = cfg.layer_norm_epsilon
             self.embed, self.wpe = inner.transformer.wte.weight, inner.transformer.wpe.weight
-            self.layers = _gpt2_layers(inner)
+            self.layers = _gpt2_layers(inner, batch)
             self.norm_f = (inner.transformer.ln_f.weight, inner.transformer.ln_f.bias)
             self.max_positions = cfg.n_positions
         else:
@@ -372,13 +424,15 @@ class FastDecoder:
             self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
             self.eps = cfg.rms_norm_eps
             self.embed, self.wpe = inner.model.embed_tokens.weight, None
-            self.layers = _llama_layers(inner, self.n_heads, self.n_kv)
-            self.norm_f = (inner.model.norm.weight, None)
+            self.layers = _llama_layers(inner, self.n_heads, self.n_kv, batch)
+            self.norm_f = None
+            lm_w = lm_w * inner.model.norm.weight  # final RMSNorm weight folded into the head's columns
             self.rotary = inner.model.rotary_emb
             self.max_positions = None
-        self.lm_head = _linear(inner.lm_head)
+        self.lm_head = _Proj(lm_w, lm_b, batch)
         Hq, Hkv = self.n_heads, self.n_kv
         self.split_sizes = [Hq, Hkv, Hkv] if self.kind == "gpt2" else [Hq, Hkv, Hq, Hkv, Hkv]
+        self.step_flops = 2 * sum(p.numel() for p in inner.parameters() if p.dim() == 2)  # per row, about
 
     def _norm(self, x: torch.Tensor, norm: tuple | None) -> torch.Tensor:
         """GPT-2 LayerNorm; Llama RMSNorm x / sqrt(mean(x²) + eps) without its weight (folded into the next
@@ -389,11 +443,6 @@ class FastDecoder:
             return F.rms_norm(x, (x.shape[-1],), None, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
-    def _final_norm(self, h: torch.Tensor) -> torch.Tensor:
-        if self.wpe is not None:
-            return self._norm(h, self.norm_f)
-        return self._norm(h, None) * self.norm_f[0]
-
     def _split(self, qkv: torch.Tensor) -> tuple:
         """qkv (N, out) -> (q, k, v, q_rot, k_rot) as (N, heads, D) views; the rot parts are None for GPT-2."""
         x = qkv.view(qkv.shape[0], -1, self.head_dim)  # (N, heads, D)
@@ -402,20 +451,14 @@ class FastDecoder:
         q, k, q_rot, k_rot, v = x.split_with_sizes(self.split_sizes, 1)  # [q; k; rot(q); rot(k); v]
         return q, k, v, q_rot, k_rot
 
-    @staticmethod
-    def _linear_add(h: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        """h + x @ w_t (+ b): the residual add fused into addmm. h, x: (N, .)."""
-        out = torch.addmm(h, x, w_t)
-        return out if b is None else out.add_(b)
-
     def _mlp_block(self, ly: _Layer, h: torch.Tensor) -> torch.Tensor:
-        x = _mm(self._norm(h, ly.norm2), ly.w_in_t, ly.b_in)
+        x = self._norm(h, ly.norm2)
         if self.wpe is None:
-            gate, up = x.chunk(2, dim=-1)
+            gate, up = ly.fc_in(x).chunk(2, dim=-1)
             x = ly.act(gate).mul_(up)
         else:
-            x = ly.act(x)
-        return self._linear_add(h, x, ly.w_out_t, ly.b_out)
+            x = ly.fc_in(x, ly.post, ly.act)
+        return ly.fc_out.add(x, h)
 
     def _prefill(self, ids: torch.Tensor, pos: torch.Tensor, caches: list, mask: torch.Tensor) -> torch.Tensor:
         """The whole left-padded prompt ids (B, P) at positions pos; fills the caches' first P slots; returns the
@@ -428,7 +471,7 @@ class FastDecoder:
         else:
             cos, sin = self.cos[pos].flatten(0, 1).unsqueeze(1), self.sin[pos].flatten(0, 1).unsqueeze(1)
         for ly, (k_w, _, v_w, _) in zip(self.layers, caches):
-            q, k, v, q_rot, k_rot = self._split(_mm(self._norm(h, ly.norm1), ly.wqkv_t, ly.bqkv))
+            q, k, v, q_rot, k_rot = self._split(ly.qkv(self._norm(h, ly.norm1)))
             if q_rot is not None:  # q·cos + rotate_half(q)·sin (HF apply_rotary_pos_emb)
                 q, k = torch.addcmul(q * cos, q_rot, sin), torch.addcmul(k * cos, k_rot, sin)
             k_w[..., :P] = k.unflatten(0, (B, P)).permute(0, 2, 3, 1)  # (B, Hkv, D, P)
@@ -436,9 +479,9 @@ class FastDecoder:
             a = F.scaled_dot_product_attention(
                 q.unflatten(0, (B, P)).transpose(1, 2), k_w[..., :P].transpose(-1, -2), v_w[:, :, :P],
                 attn_mask=mask, scale=1.0, enable_gqa=Hq != Hkv)  # (B, Hq, P, D); q carries the scale
-            h = self._linear_add(h, a.transpose(1, 2).reshape(B * P, Hq * D), ly.wo_t, ly.bo)
+            h = ly.o.add(a.transpose(1, 2).reshape(B * P, Hq * D), h)
             h = self._mlp_block(ly, h)
-        return F.linear(self._final_norm(h.view(B, P, -1)[:, -1]), *self.lm_head)  # (B, V)
+        return self.lm_head(self._norm(h.view(B, P, -1)[:, -1], self.norm_f))  # (B, V)
 
     def _step(self, tok: torch.Tensor, t: int, caches: list, mask: torch.Tensor, cos: torch.Tensor,
               sin: torch.Tensor | None) -> torch.Tensor:
@@ -454,7 +497,7 @@ class FastDecoder:
         if sin is None:
             h = h + cos
         for ly, (k_w, keys, v_w, values) in zip(self.layers, caches):
-            q, k, v, q_rot, k_rot = self._split(_mm(self._norm(h, ly.norm1), ly.wqkv_t, ly.bqkv))
+            q, k, v, q_rot, k_rot = self._split(ly.qkv(self._norm(h, ly.norm1)))
             if q_rot is not None:
                 q = torch.addcmul(q * cos, q_rot, sin)  # (B, Hq, D) contiguous
                 torch.addcmul(k * cos, k_rot, sin, out=k_w.select(3, t))
@@ -465,14 +508,27 @@ class FastDecoder:
             probs = torch.softmax(scores, -1) if scores.dtype == torch.float32 else \
                 torch.softmax(scores, -1, dtype=torch.float32).to(scores.dtype)  # bf16/fp16: softmax in fp32
             a = torch.bmm(probs, values.narrow(1, 0, t + 1))  # (B*Hkv, G, D)
-            h = self._linear_add(h, a.view(B, Hq * D), ly.wo_t, ly.bo)
+            h = ly.o.add(a.view(B, Hq * D), h)
             h = self._mlp_block(ly, h)
-        return F.linear(self._final_norm(h), *self.lm_head)  # (B, V)
+        return self.lm_head(self._norm(h, self.norm_f))  # (B, V)
+
+    def decode_threads(self, batch: int) -> int:
+        """Intra-op threads for the decode steps (DECODE_ONE_THREAD_FLOPS): 1 for small steps, else torch's."""
+        return 1 if self.device.type == "cpu" and batch * self.step_flops < DECODE_ONE_THREAD_FLOPS else \
+            torch.get_num_threads()
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], gen: GenConfig, eos: int, pad: int):
         if any(len(p) == 0 for p in prompts):
             raise UserError("sampling: a prompt encodes to zero tokens")
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(self.decode_threads(len(prompts)))
+            return self._generate(prompts, gen, eos, pad)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _generate(self, prompts: list[list[int]], gen: GenConfig, eos: int, pad: int):
         ids, valid = pad_sequences(prompts, pad, side="left")  # (B, P)
         ids, valid = ids.to(self.device), valid.to(self.device).bool()
         B, P = ids.shape
@@ -505,15 +561,22 @@ class FastDecoder:
         prefill_mask = torch.zeros(B, 1, P, P, dtype=self.dtype, device=self.device).masked_fill(~allowed, neg)
 
         logits = self._prefill(ids, position_ids_from_mask(valid.long()), caches, prefill_mask)
-        tokens, lps = [], []
+        tokens = torch.empty(B, T, dtype=torch.long, device=self.device)
+        lps = torch.empty(B, T, dtype=torch.float32, device=self.device)
         done = torch.zeros(B, 1, dtype=torch.bool, device=self.device)
+        n = T
         for t in range(T):
-            tok, lp = sample_next(logits, gen, ban=eos if t < gen.min_new_tokens else None)  # (B, 1) each
-            tokens.append(tok)
-            lps.append(lp)
-            done |= tok == eos
-            if t == T - 1 or bool(done.all()):
+            early = t < gen.min_new_tokens  # EOS is banned: no row can finish at this step
+            tok, lp = sample_next(logits, gen, ban=eos if early else None)  # (B, 1) each
+            tokens[:, t: t + 1] = tok
+            lps[:, t: t + 1] = lp
+            if not early:
+                done |= tok == eos
+                if bool(done.all()):
+                    n = t + 1
+                    break
+            if t == T - 1:
                 break
             logits = self._step(tok.view(B), P + t, caches, step_mask.narrow(2, 0, P + t + 1), step_cos[t],
                                 None if step_sin is None else step_sin[t])
-        return _trim(torch.cat(tokens, 1).tolist(), torch.cat(lps, 1).tolist(), eos)
+        return _trim(tokens[:, :n].tolist(), lps[:, :n].tolist(), eos)

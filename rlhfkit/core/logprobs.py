@@ -23,23 +23,36 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _rowwise(fn, logits: Tensor, labels: Tensor | None = None) -> Tensor:
-    """Apply fn(z (c, V), labels (c,) | None) -> (c,) to row chunks of logits (..., T, V), giving (...,T).
+    """Apply fn(z (..., V), labels (...) | None) -> (...) to chunks of logits (..., T, V), giving (..., T).
 
-    Loops over the leading dims and over T in chunks of _CHUNK_ROWS, so a slice such as
-    logits[:, :-1] (non-contiguous) is never copied whole.
+    Chunks are blocks of whole sequences of about _CHUNK_ROWS positions (one set of ops per block, so the cost
+    does not grow with the batch: per-row slices would also each build a full-size zero gradient in backward),
+    or slices of _CHUNK_ROWS positions of one sequence when a sequence is longer; a slice such as logits[:, :-1]
+    (non-contiguous) is never copied whole.
     """
     lead, V = logits.shape[:-1], logits.shape[-1]
     rows = logits.reshape(-1, lead[-1], V) if len(lead) > 1 else logits.reshape(1, -1, V)  # (N, T, V)
     label_rows = None if labels is None else labels.reshape(rows.shape[:2])  # (N, T)
+    N, T = rows.shape[:2]
+    dtype = _out_dtype(logits.dtype)
     out = []
-    for n in range(rows.shape[0]):
-        for start in range(0, rows.shape[1], _CHUNK_ROWS):
-            z = rows[n, start : start + _CHUNK_ROWS].to(_out_dtype(logits.dtype))  # (c, V)
-            lab = None if label_rows is None else label_rows[n, start : start + _CHUNK_ROWS]  # (c,)
-            out.append(fn(z, lab))  # (c,)
+    if T <= _CHUNK_ROWS:
+        per = max(1, _CHUNK_ROWS // max(1, T))  # sequences per block
+        for n in range(0, N, per):
+            z = rows[n: n + per].to(dtype)  # (b, T, V)
+            lab = None if label_rows is None else label_rows[n: n + per]  # (b, T)
+            out.append(fn(z, lab))  # (b, T)
+    else:
+        for n in range(N):
+            row = []
+            for start in range(0, T, _CHUNK_ROWS):
+                z = rows[n, start: start + _CHUNK_ROWS].to(dtype)  # (c, V)
+                lab = None if label_rows is None else label_rows[n, start: start + _CHUNK_ROWS]  # (c,)
+                row.append(fn(z, lab))  # (c,)
+            out.append(torch.cat(row).unsqueeze(0))  # (1, T)
     if not out:
-        return logits.new_zeros(lead, dtype=_out_dtype(logits.dtype))
-    return torch.cat(out).reshape(lead)
+        return logits.new_zeros(lead, dtype=dtype)
+    return (out[0] if len(out) == 1 else torch.cat(out)).reshape(lead)
 
 
 def gather_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:

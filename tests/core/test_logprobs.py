@@ -23,7 +23,7 @@ def test_gather_logprobs_hand_computed():
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1.5])
-@pytest.mark.parametrize("chunk_rows", [1024, 2])  # 2: several chunks per row
+@pytest.mark.parametrize("chunk_rows", [1024, 16, 2])  # 16: blocks of 2 whole rows; 2: several chunks per row
 def test_gather_logprobs_equals_naive(monkeypatch, temperature, chunk_rows):
     monkeypatch.setattr(logprobs_module, "_CHUNK_ROWS", chunk_rows)
     g = torch.Generator().manual_seed(0)

@@ -218,3 +218,82 @@ def test_backend_resolution_and_hf_fallback():
         FastDecoder(opt)
     s = sample(opt, TOK, random_prompts(2, 300), GenConfig(max_new_tokens=5, temperature=0.0, backend="auto"))
     assert all(len(c) <= 5 for c in s.completion_ids) and len(s.logprobs) == 2
+
+
+def test_sample_next_ban_renormalises_the_rest_and_scores_unfiltered():
+    """EOS banned (min_new_tokens): the other tokens keep their relative odds (0.3 : 0.2 -> 0.6 : 0.4), log-probs are
+    those of the unfiltered distribution; a row whose whole float32 mass sits on the banned token (its softmax
+    rounds the others to 0) still draws from the rest, through the log-space path."""
+    from rlhfkit.rollout import sample_next
+
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    logits = probs.clamp_min(1e-30).log().expand(20000, 4).contiguous()
+    tok, lp = sample_next(logits, GenConfig(temperature=1.0), ban=0)
+    tok, lp = tok.squeeze(-1), lp.squeeze(-1)
+    freq = torch.bincount(tok, minlength=4).float() / len(tok)
+    assert freq[0] == 0 and freq[3] == 0 and abs(freq[1] - 0.6) < 0.015 and abs(freq[2] - 0.4) < 0.015
+    assert torch.allclose(lp, probs.log()[tok], atol=1e-6)
+    sure = torch.tensor([[0.0, -200.0, -201.0, -1e4]]).expand(2000, 4).contiguous()  # softmax: [1, 0, 0, 0]
+    tok, lp = sample_next(sure, GenConfig(temperature=1.0), ban=0)
+    freq = torch.bincount(tok.squeeze(-1), minlength=4).float() / len(tok)
+    e = 1 / (1 + torch.exp(torch.tensor(-1.0)))  # p(1 | not 0) = e^-200 / (e^-200 + e^-201)
+    assert freq[0] == 0 and freq[3] == 0 and abs(freq[1] - e) < 0.03
+    assert torch.isfinite(lp).all() and (lp < -199).all()
+
+
+def test_prepacked_projections_equal_naive_with_fused_post_ops():
+    """_Proj (oneDNN prepacked weights on CPU float32): act(x Wᵀ + b) and h + x Wᵀ + b equal the plain products."""
+    from rlhfkit.rollout import _Proj
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(1024, 256, generator=g), torch.randn(1024, generator=g)
+    x, h = torch.randn(8, 256, generator=g), torch.randn(8, 1024, generator=g)
+    proj = _Proj(w, b, rows=8)
+    if torch.backends.mkldnn.is_available():
+        assert proj.packed is not None
+    ref = x @ w.t() + b
+    torch.testing.assert_close(proj(x), ref, rtol=1e-5, atol=1e-4)
+    tanh = lambda y: torch.nn.functional.gelu(y, approximate="tanh")  # noqa: E731
+    torch.testing.assert_close(proj(x, ("gelu", "tanh"), tanh), tanh(ref), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(proj.add(x, h), h + ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(proj(torch.randn(37, 256, generator=g)).shape, torch.Size([37, 1024]))
+    small = _Proj(w[:64, :64], None, rows=8)  # below PACK_MIN_WEIGHTS: plain addmm
+    assert small.packed is None
+    torch.testing.assert_close(small(x[:, :64]), x[:, :64] @ w[:64, :64].t())
+
+
+def test_gpt2_large_enough_to_prepack_equals_hf_and_thread_count_does_not_change_samples():
+    """A GPT-2 with n_embd 256 (its projections are prepacked): greedy tokens equal HF generate's, and sampling
+    gives the same tokens whatever the decode thread count (the products split rows and columns, not sums)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(2)
+    cfg = GPT2Config(vocab_size=300, n_positions=128, n_embd=256, n_layer=2, n_head=4, bos_token_id=2,
+                     eos_token_id=2)
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    M.disable_dropout(model)
+    model.eval()
+    dec = FastDecoder(model, batch=6)
+    if torch.backends.mkldnn.is_available():
+        assert dec.layers[0].qkv.packed is not None and dec.lm_head.packed is not None
+    assert dec.decode_threads(6) == 1 and dec.decode_threads(10 ** 6) == torch.get_num_threads()
+    prompts = random_prompts(6, 300, seed=5)
+    assert_same_greedy(model, prompts, max_new_tokens=20)
+    gen = GenConfig(max_new_tokens=20, temperature=1.0, batch_size=6, backend="fast")
+    one = sample(model, TOK, prompts, gen, seed=3)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        import rlhfkit.rollout as rollout_module
+
+        old, rollout_module.DECODE_ONE_THREAD_FLOPS = rollout_module.DECODE_ONE_THREAD_FLOPS, 0  # decode on 2
+        two = sample(model, TOK, prompts, gen, seed=3)
+    finally:
+        rollout_module.DECODE_ONE_THREAD_FLOPS = old
+        torch.set_num_threads(n)
+    assert one.completion_ids == two.completion_ids
