@@ -115,6 +115,22 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(config, key, 0.0)
 
 
+def fuse_activations(model: torch.nn.Module) -> int:
+    """Swap transformers' tanh-GELU written as a Python formula (NewGELUActivation: GPT-2's `gelu_new`, ~8
+    elementwise ops forward and more backward) for the same function as one kernel (GELUTanh, F.gelu with
+    approximate="tanh"; equal to float rounding, ~1e-7). The config is untouched, so saved models do not change.
+    A training step of the 4-layer GPT-2 spends ~15% less time (bench/README.md). Returns the number swapped."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(module, name, GELUTanh())
+                swapped += 1
+    return swapped
+
+
 def load_causal_lm(cfg: ModelConfig, device: torch.device, name: str | None = None) -> Any:
     """AutoModelForCausalLM from `name` (default cfg.name), dropout off, on `device` in cfg.dtype."""
     from transformers import AutoModelForCausalLM
@@ -123,6 +139,7 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device, name: str | None = No
     model = _from_pretrained(AutoModelForCausalLM, path, "model.name", dtype=pick_dtype(cfg.dtype, device),
                              trust_remote_code=cfg.trust_remote_code)
     disable_dropout(model)
+    fuse_activations(model)
     model.to(device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -89,3 +89,30 @@ def test_resolve_keeps_folders_and_ids(tmp_path):
     assert resolve_model_name(str(tmp_path)) == str(tmp_path)
     assert resolve_model_name("gpt2") == "gpt2"
     assert resolve_model_name("stories260k").endswith("assets/stories260k")
+
+
+def test_fuse_activations_swaps_gpt2_gelu_new_for_the_same_function_in_one_kernel():
+    """GPT-2's gelu_new (a Python formula) becomes GELUTanh (F.gelu approximate="tanh"): logits and gradients
+    unchanged to float rounding, config untouched."""
+    import copy
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from rlhfkit.models import disable_dropout, fuse_activations
+
+    torch.manual_seed(0)
+    plain = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    disable_dropout(plain)
+    fused = copy.deepcopy(plain)
+    assert fuse_activations(fused) == 2
+    assert not any(isinstance(m, NewGELUActivation) for m in fused.modules())
+    assert sum(isinstance(m, GELUTanh) for m in fused.modules()) == 2
+    assert fused.config.activation_function == "gelu_new"
+    ids = torch.randint(0, 100, (3, 11))
+    a, b = plain(ids).logits, fused(ids).logits
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    a.square().mean().backward()
+    b.square().mean().backward()
+    for p, q in zip(plain.parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6)

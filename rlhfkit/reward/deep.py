@@ -35,6 +35,7 @@ from rlhfkit.core import bradley_terry_loss, regression_loss
 from rlhfkit.data.collate import pad_sequences
 from rlhfkit.errors import UserError
 from rlhfkit.heads import head_of, load_scalar_model, sequence_scores
+from rlhfkit.reward.packing import pack_pairs, packed_scores, packing_matches
 
 META_FILE = "reward_model.json"
 
@@ -322,6 +323,13 @@ def train_deep(cfg: Any, pairs: list, ratings: list, eval_pairs: list, out: Path
     def score_fn(modules, ids, mask):  # the training forward, run inside the engine's wrapper (runner)
         return sequence_scores(_hf(modules.model), ids, mask)
 
+    def pair_score_fn(modules, packed):  # (m, 2) chosen/rejected scores, the prompt computed once per pair
+        return packed_scores(_hf(modules.model), packed)
+
+    # prefix sharing (rlhfkit.reward.packing): causal decoders score both sides of a pair in one row
+    share = B > 0 and packing_matches(_hf(model), [e[:2] for e in enc[:4]], pad, device)
+    mask_dtype = _hf(model).get_input_embeddings().weight.dtype
+
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16_autocast)
     bar = U.progress(cfg.train.steps, "rm", cfg.run.progress and world.is_main, initial=start_step)
     W = world.size  # rank losses are x W: the engine averages the ranks' gradients
@@ -337,11 +345,15 @@ def train_deep(cfg: Any, pairs: list, ratings: list, eval_pairs: list, out: Path
         parts = world.shard([batch[i: i + micro] for i in range(0, len(batch), micro)])  # this rank's share
         r_parts = world.shard([r_batch[i: i + micro] for i in range(0, len(r_batch), micro)])
         for j, part in enumerate(parts):
-            ids, mask = pad_sequences([e[0] for e in part] + [e[1] for e in part], pad)
             with world.accumulate(runner, last=j == len(parts) - 1 and not r_parts):
                 with autocast:
-                    s = runner(score_fn, ids.to(device), mask.to(device))  # (2m,) float32
-                c, r = s[: len(part)], s[len(part):]
+                    if share:
+                        s = runner(pair_score_fn, pack_pairs([e[:2] for e in part], pad, mask_dtype).to(device))
+                        c, r = s[:, 0], s[:, 1]  # (m,) float32 each
+                    else:
+                        ids, mask = pad_sequences([e[0] for e in part] + [e[1] for e in part], pad)
+                        s = runner(score_fn, ids.to(device), mask.to(device))  # (2m,) float32
+                        c, r = s[: len(part)], s[len(part):]
                 tie = torch.tensor([e[2] for e in part], device=device)
                 margin = torch.tensor([e[3] for e in part], device=device) if cfg.train.use_margin else None
                 loss = pair_loss_sum(c, r, tie, margin) / len(batch)
