@@ -54,12 +54,12 @@ def references_for(n: int, reference: list | None, references: list | None, what
 
 
 @functools.lru_cache(maxsize=4)
-def _metric(name: str, tokenize: str = "13a") -> Any:
+def _metric(name: str, tokenize: str = "13a", beta: int = 2) -> Any:
     try:
         from sacrebleu.metrics import BLEU, CHRF
     except ImportError:
         raise UserError("rlhfkit.rewards.mt needs the package sacrebleu (pip install sacrebleu)") from None
-    return CHRF() if name == "chrf" else BLEU(effective_order=True, tokenize=tokenize)
+    return CHRF(beta=beta) if name == "chrf" else BLEU(effective_order=True, tokenize=tokenize)
 
 
 def chrf(prompts: list[Any], completions: list[Any], reference: list | None = None,
@@ -68,6 +68,15 @@ def chrf(prompts: list[Any], completions: list[Any], reference: list | None = No
     chrf(["p"], ["le chat"], reference=["le chat"]) -> [100.0]; an empty completion scores 0."""
     refs = references_for(len(completions), reference, references, "rlhfkit.rewards.mt:chrf")
     metric = _metric("chrf")
+    return [float(metric.sentence_score(_text(c), r).score) for c, r in zip(completions, refs)]
+
+
+def chrf1(prompts: list[Any], completions: list[Any], reference: list | None = None,
+          references: list | None = None) -> list[float]:
+    """Sentence chrF with beta = 1: precision and recall weigh the same (chrF's default beta = 2 weighs recall
+    4x, which a policy can game by writing longer translations)."""
+    refs = references_for(len(completions), reference, references, "rlhfkit.rewards.mt:chrf1")
+    metric = _metric("chrf", beta=1)
     return [float(metric.sentence_score(_text(c), r).score) for c, r in zip(completions, refs)]
 
 

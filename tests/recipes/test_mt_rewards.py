@@ -81,3 +81,12 @@ def test_ppo_scorer_passes_the_reference_column(jsonl):
     scorer = load_scorer(RewardConfig(function="rlhfkit.rewards.mt:chrf"))
     scores = scorer.score([r.prompt for r in records], [" Un chat.", " Un chat."], columns)
     assert scores[0] == pytest.approx(100.0) and scores[1] < 60.0
+
+
+def test_chrf1_weighs_precision_like_recall():
+    # a translation padded with extra words keeps full recall: chrF (beta 2) barely penalises it, chrF1 does
+    ref, padded = ["le chat dort"], ["le chat dort sur le grand tapis rouge"]
+    beta2 = mt.chrf(["p"], padded, reference=ref)[0]
+    beta1 = mt.chrf1(["p"], padded, reference=ref)[0]
+    assert beta1 < beta2 - 10
+    assert mt.chrf1(["p"], ["le chat dort"], reference=ref)[0] == 100.0
