@@ -171,12 +171,12 @@ def test_tiny_translation_chrf_pipeline(tmp_path):
     out = tmp_path / "run"
     summary, _ = run_recipe("translation_chrf.yaml", out, src, **{"eval.curve_prompts": 0})
     # RL on a reward function: no generate / annotate / rm stages
-    assert list(summary["stage_seconds"]) == ["prepare", "sft", "round 1: ppo", "eval"]
+    assert list(summary["stage_seconds"]) == ["prepare", "sft", "round 1: rloo", "eval"]
     assert (out / "data" / "mt_valid.jsonl").is_file() and (out / "sft" / "model" / "config.json").is_file()
     for key in ("chrf_before", "chrf_after", "bleu_before", "bleu_after", "gold_score_before", "gold_score_after"):
         assert isinstance(summary[key], float) and 0 <= summary[key] <= 100, key
-    ppo_cfg = (out / "round1" / "rl" / "config.yaml").read_text()
-    assert f"prompts: {out}/data/mt_rl_prompts.jsonl" in ppo_cfg and "function: rlhfkit.rewards.mt:chrf" in ppo_cfg
+    rl_cfg = (out / "round1" / "rl" / "config.yaml").read_text()
+    assert f"prompts: {out}/data/mt_rl_prompts.jsonl" in rl_cfg and "function: rlhfkit.rewards.mt:chrf" in rl_cfg
     ev = json.loads((out / "eval" / "eval.json").read_text())
     assert ev["prompts"] == 6 and ev["judges"]["function"] == "rlhfkit.rewards.mt:chrf"
     # a re-run skips every stage, the prepare stage included
