@@ -193,15 +193,16 @@ def test_tiny_translation_rm_pipeline_simulated_crowd_sees_the_reference(tmp_pat
     out = tmp_path / "run"
     summary, stdout = run_recipe("translation_rm.yaml", out, src, **{
         "generate.prompts_per_round": 6, "generate.num_samples": 3, "eval.curve_prompts": 3,
+        "annotate.temperature": 0.01,  # near noise-free, so the labels must follow chrF against the reference
         "rm.args": {"model.kind": "linear", "model.features": "handcrafted", "train.cache_dir": "none",
                     "data.eval_fraction": 0.3}})
     assert list(summary["stage_seconds"]) == ["prepare", "sft", "round 1: generate", "round 1: annotate (simulate)",
                                               "round 1: rm", "round 1: ppo", "eval"]
     cands = [json.loads(x) for x in (out / "round1" / "generate" / "candidates.jsonl").read_text().splitlines()]
     assert all("reference" in c for c in cands)
-    # labels follow chrF against the reference (it would raise without one): with noise T, the crowd agrees with
-    # the noise-free chrF order on most pairs, and the gold check on held-out pairs ran with references too
+    # labels follow chrF against the reference (it would raise without one): with almost no noise the crowd agrees
+    # with the noise-free chrF order, and the gold check on held-out pairs ran with references too
     done = json.loads((out / "round1" / "annotate" / "DONE.json").read_text())["result"]
-    assert done["simulation"]["agreement_with_noise_free"] >= 0.5
+    assert done["simulation"]["agreement_with_noise_free"] >= 0.9
     assert "rm_gold_accuracy" in summary and "chrf_before" in summary
     assert "simulate.preference" not in stdout
