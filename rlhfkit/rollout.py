@@ -22,6 +22,9 @@ len(prompt) + t, the same positions `rlhfkit.rl.forward_logprobs` uses in traini
 from __future__ import annotations
 
 import contextlib
+import math
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -378,11 +381,17 @@ def _gpt2_layers(inner: Any, rows: int) -> list[_Layer]:
 # Fast backend: decode loop
 
 DECODE_ONE_THREAD_FLOPS = 2 ** 27
-"""Decode steps whose weight products take fewer FLOPs than this (2 x batch x weights; 2^27 ~ 134M) run on one
-intra-op thread. Their ops are microseconds long, so splitting them saves little on an idle machine, while every
-split op is a thread-pool barrier: with other jobs on the cores each barrier waits for a descheduled thread, and
-two threads measured 3-10x slower than one for the 4-layer GPT-2 at batch 8 (bench/README.md). Numbers are the
-same with either setting (the products split rows and columns, never the sum)."""
+"""Decode steps whose weight products take fewer FLOPs than this (2 x batch x weights; 2^27 ~ 134M) may run on one
+intra-op thread: a `generate` call times its first DECODE_TUNE_STEPS steps alternately on one thread and on
+torch's thread count, and the faster (mean step time) is kept for that call and the next DECODE_RETUNE_EVERY - 1
+calls of the same shape, prefill included. Their ops are microseconds long: on an idle
+machine two threads still win (4-layer GPT-2 at batch 8: 3,300 vs 2,300 tokens/s), but every split op is a
+thread-pool barrier, and with other jobs on the cores each barrier waits for a descheduled thread: there two
+threads measured 3-10x slower than one (bench/README.md). Numbers are the same with either setting (the products
+split rows and columns, never the sum), so the choice never changes a sample. Larger steps always use torch's."""
+DECODE_TUNE_STEPS = 8
+DECODE_RETUNE_EVERY = 16
+_TUNED_THREADS: dict[tuple, list[int]] = {}  # (model kind, step FLOPs, batch, threads) -> [choice, calls since]
 
 
 class FastDecoder:
@@ -512,10 +521,12 @@ class FastDecoder:
             h = self._mlp_block(ly, h)
         return self.lm_head(self._norm(h, self.norm_f))  # (B, V)
 
-    def decode_threads(self, batch: int) -> int:
-        """Intra-op threads for the decode steps (DECODE_ONE_THREAD_FLOPS): 1 for small steps, else torch's."""
-        return 1 if self.device.type == "cpu" and batch * self.step_flops < DECODE_ONE_THREAD_FLOPS else \
-            torch.get_num_threads()
+    def decode_threads(self, batch: int) -> list[int]:
+        """Intra-op thread counts the decode steps choose from (DECODE_ONE_THREAD_FLOPS): [1, torch's] for small
+        steps on a CPU with several threads (timed at the start of each call), else [torch's]."""
+        n = torch.get_num_threads()
+        small = self.device.type == "cpu" and batch * self.step_flops < DECODE_ONE_THREAD_FLOPS
+        return [1, n] if small and n > 1 else [n]
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], gen: GenConfig, eos: int, pad: int):
@@ -523,7 +534,6 @@ class FastDecoder:
             raise UserError("sampling: a prompt encodes to zero tokens")
         threads = torch.get_num_threads()
         try:
-            torch.set_num_threads(self.decode_threads(len(prompts)))
             return self._generate(prompts, gen, eos, pad)
         finally:
             torch.set_num_threads(threads)
@@ -560,6 +570,15 @@ class FastDecoder:
         allowed = (causal & valid[:, None, None, :]) | torch.eye(P, dtype=torch.bool, device=self.device)
         prefill_mask = torch.zeros(B, 1, P, P, dtype=self.dtype, device=self.device).masked_fill(~allowed, neg)
 
+        choices, memo = self.decode_threads(B), None
+        if len(choices) > 1:  # a recent call of this shape chose already: use it, re-time every few calls
+            memo = _TUNED_THREADS.setdefault((self.kind, self.step_flops, B, choices[-1]), [choices[-1], 0])
+            memo[1] = (memo[1] + 1) % DECODE_RETUNE_EVERY
+            if memo[1] != 1:
+                choices = [memo[0]]
+        timings: dict[int, list[float]] = {c: [] for c in choices}
+        self.tuned_threads = memo[0] if memo else choices[0]
+        torch.set_num_threads(self.tuned_threads)  # the prefill runs on the last choice
         logits = self._prefill(ids, position_ids_from_mask(valid.long()), caches, prefill_mask)
         tokens = torch.empty(B, T, dtype=torch.long, device=self.device)
         lps = torch.empty(B, T, dtype=torch.float32, device=self.device)
@@ -577,6 +596,16 @@ class FastDecoder:
                     break
             if t == T - 1:
                 break
+            tuning = len(choices) > 1 and t < DECODE_TUNE_STEPS
+            if tuning:  # alternate the candidates; the faster is kept for the rest of this call and the next ones
+                torch.set_num_threads(choices[t % len(choices)])
+                start = time.perf_counter()
             logits = self._step(tok.view(B), P + t, caches, step_mask.narrow(2, 0, P + t + 1), step_cos[t],
                                 None if step_sin is None else step_sin[t])
+            if tuning:
+                timings[choices[t % len(choices)]].append(time.perf_counter() - start)
+                if t == DECODE_TUNE_STEPS - 1 or t == T - 2:
+                    self.tuned_threads = min(choices, key=lambda c: statistics.fmean(timings[c] or [math.inf]))
+                    torch.set_num_threads(self.tuned_threads)
+                    memo[0] = self.tuned_threads
         return _trim(tokens[:, :n].tolist(), lps[:, :n].tolist(), eos)

@@ -281,19 +281,26 @@ def test_gpt2_large_enough_to_prepack_equals_hf_and_thread_count_does_not_change
     dec = FastDecoder(model, batch=6)
     if torch.backends.mkldnn.is_available():
         assert dec.layers[0].qkv.packed is not None and dec.lm_head.packed is not None
-    assert dec.decode_threads(6) == 1 and dec.decode_threads(10 ** 6) == torch.get_num_threads()
     prompts = random_prompts(6, 300, seed=5)
     assert_same_greedy(model, prompts, max_new_tokens=20)
     gen = GenConfig(max_new_tokens=20, temperature=1.0, batch_size=6, backend="fast")
-    one = sample(model, TOK, prompts, gen, seed=3)
-    n = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        import rlhfkit.rollout as rollout_module
+    import rlhfkit.rollout as rollout_module
 
-        old, rollout_module.DECODE_ONE_THREAD_FLOPS = rollout_module.DECODE_ONE_THREAD_FLOPS, 0  # decode on 2
+    n, old = torch.get_num_threads(), rollout_module.DECODE_ONE_THREAD_FLOPS
+    try:
+        torch.set_num_threads(1)
+        assert dec.decode_threads(6) == [1]
+        one = sample(model, TOK, prompts, gen, seed=3)  # every op on one thread
+        torch.set_num_threads(2)
+        # small steps: timed on 1 and on 2 threads at the start of each call, the faster kept; large: always 2
+        assert dec.decode_threads(6) == [1, 2] and dec.decode_threads(10 ** 6) == [2]
+        tuned = FastDecoder(model, batch=6)
+        tuned.generate(prompts, gen, eos=TOK.eos_token_id, pad=0)
+        assert tuned.tuned_threads in (1, 2) and torch.get_num_threads() == 2  # restored after the call
+        mixed = sample(model, TOK, prompts, gen, seed=3)  # thread counts change between steps of this call
+        rollout_module.DECODE_ONE_THREAD_FLOPS = 0  # every decode step on 2 threads
         two = sample(model, TOK, prompts, gen, seed=3)
     finally:
         rollout_module.DECODE_ONE_THREAD_FLOPS = old
         torch.set_num_threads(n)
-    assert one.completion_ids == two.completion_ids
+    assert one.completion_ids == mixed.completion_ids == two.completion_ids
