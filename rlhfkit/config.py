@@ -488,10 +488,14 @@ def parse_cli(cls: type, argv: list[str], prog: str, description: str = "") -> A
         if not hasattr(cfg, "run"):
             raise UserError(f"{prog} has no checkpoints to resume")
         cfg.run.resume = True
-    validate_tree(cfg)
-    if print_config:
+    if print_config:  # a starting point for a YAML file: printed even before its required keys are given
         sys.stdout.write(to_yaml(cfg))
+        try:
+            validate_tree(cfg)
+        except UserError as e:
+            print(f"note: not runnable as it is: {e}", file=sys.stderr)
         raise SystemExit(0)
+    validate_tree(cfg)
     return cfg
 
 
