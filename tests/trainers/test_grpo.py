@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from spies import initial_parameters  # tests/trainers/spies.py
 
 from rlhfkit import cli
 from rlhfkit import distributed as D
@@ -66,19 +67,8 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 def tiny_run(tmp_path_factory):
     """GRPO (KL in the loss), 2 epochs x 2 minibatches per rollout, initial and final parameters captured."""
     out = tmp_path_factory.mktemp("grpo")
-    captured = {}
-    real_opt = grpo.U.make_optimizer
-
-    def make_optimizer(params, cfg, named):
-        captured["named"] = named
-        captured["before"] = {n: p.detach().clone() for n, p in named if p.requires_grad}
-        return real_opt(params, cfg, named)
-
-    grpo.U.make_optimizer = make_optimizer
-    try:
+    with initial_parameters() as captured:
         result = grpo.main(tiny_cfg(out, **MULTI), ["rlhfkit", "grpo"])
-    finally:
-        grpo.U.make_optimizer = real_opt
     return out, result, captured
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from spies import initial_parameters  # tests/trainers/spies.py
 
 from rlhfkit import cli
 from rlhfkit.config import load_config
@@ -53,19 +54,8 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 def tiny_run(tmp_path_factory):
     """One tiny run, with the initial and final parameters of both trained models captured."""
     out = tmp_path_factory.mktemp("ppo")
-    captured = {}
-    real_value, real_opt = ppo.load_value_model, ppo.U.make_optimizer
-
-    def make_optimizer(params, cfg, named):
-        captured["named"] = named
-        captured["before"] = {n: p.detach().clone() for n, p in named if p.requires_grad}
-        return real_opt(params, cfg, named)
-
-    ppo.U.make_optimizer = make_optimizer
-    try:
+    with initial_parameters() as captured:
         result = ppo.main(tiny_cfg(out), ["rlhfkit", "ppo"])
-    finally:
-        ppo.U.make_optimizer, ppo.load_value_model = real_opt, real_value
     return out, result, captured
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from spies import initial_parameters  # tests/trainers/spies.py
 
 from rlhfkit.config import load_config
 from rlhfkit.trainers import ppo
@@ -28,19 +29,10 @@ def test_reward_rises_with_bounded_kl(tmp_path):
     cfg = load_config(ppo.PPOConfig, None, {
         "reward.function": f"{FIXTURE}:positivity", "run.output_dir": str(tmp_path), "train.steps": "12",
         "run.progress": "false", "run.threads": "1", "run.save_every": "6"})
-    captured = {}
-    real = ppo.U.make_optimizer
-
-    def spy(params, optim_cfg, named):
-        captured["named"] = named
-        captured["before"] = {k: p.detach().clone() for k, p in named if p.requires_grad}
-        return real(params, optim_cfg, named)
-
-    ppo.U.make_optimizer = spy
     try:
-        ppo.main(cfg, [])
+        with initial_parameters() as captured:
+            ppo.main(cfg, [])
     finally:
-        ppo.U.make_optimizer = real
         torch.set_num_threads(n)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first = rows[0]["objective/score"]
