@@ -16,7 +16,10 @@ Rows selected from a batch keep both widths: a row's numbers never depend on whi
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
+import sys
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -153,12 +156,18 @@ def sampling_temperature(gen: GenConfig) -> float:
     return gen.temperature if gen.temperature > 0 else 1.0
 
 
-def forward_logprobs(model: Any, batch: RolloutBatch, temperature: float, with_entropy: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def forward_logprobs(model: Any, batch: RolloutBatch, temperature: float, with_entropy: bool = False,
+                     share_prompts: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the completion tokens, (B, T) float32, under softmax(logits / temperature); with_entropy also
     returns the per-token entropy of that distribution (no gradient). Differentiable when grad is enabled.
 
-    Logits at position P-1+t predict completion token t; only those T positions go through the LM head."""
+    Logits at position P-1+t predict completion token t; only those T positions go through the LM head.
+    share_prompts (GRPO/RLOO, where every prompt has G rows): each distinct prompt goes through the model once and
+    its KV cache is shared by its rows' completions (`shared_prompt_logprobs`); the numbers equal the one-pass
+    forward's to float rounding. A trainer passes the same flag to every pass of a run, so the old, reference and
+    training log-probs of a row are computed the same way."""
+    if share_prompts and _sharing_works(model, batch, temperature):
+        return shared_prompt_logprobs(model, batch, temperature, with_entropy)
     T = batch.completion_ids.shape[1]
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                 use_cache=False, logits_to_keep=T + 1)
@@ -169,6 +178,78 @@ def forward_logprobs(model: Any, batch: RolloutBatch, temperature: float, with_e
         with torch.no_grad():
             entropy = entropy_from_logits(logits.float() / temperature)  # (B, T)
     return logprobs, entropy
+
+
+def shared_prompt_logprobs(model: Any, batch: RolloutBatch, temperature: float, with_entropy: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """forward_logprobs with the prompt computed once per distinct prompt: pass 1 runs the U distinct (left-padded)
+    prompts with a KV cache and gives the logits of completion token 0; the cache is then indexed to the B rows
+    (autograd sums the rows' gradients into the shared prompt) and pass 2 runs the completions, tokens 0..T-2, at
+    positions P.. on top of it. With G rows per prompt this skips (G-1)/G of the prompt tokens in the forward and
+    the backward: the larger the prompt, the larger the saving (measured in docs/critic_free.md)."""
+    P, T = batch.prompt_width, batch.completion_ids.shape[1]
+    key = torch.cat([batch.input_ids[:, :P], batch.attention_mask[:, :P]], 1)
+    distinct, row_of = torch.unique(key, dim=0, return_inverse=True)  # (U, 2P), (B,)
+    mask = distinct[:, P:]
+    first = model(input_ids=distinct[:, :P], attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                  use_cache=True, logits_to_keep=1)
+    head = first.logits[row_of]  # (B, 1, V): predicts completion token 0
+    parts = [(head, batch.completion_ids[:, :1])]
+    if T > 1:
+        cache = getattr(first, "cache", None) or getattr(first, "past_key_values", None)
+        if cache is None:
+            raise _NoCache
+        cache.batch_select_indices(row_of)
+        rest = model(input_ids=batch.completion_ids[:, :-1], attention_mask=batch.attention_mask[:, :-1],
+                     position_ids=batch.position_ids[:, P:-1], use_cache=True, **{_cache_keyword(model): cache})
+        parts.append((rest.logits, batch.completion_ids[:, 1:]))  # (B, T-1, V): predict tokens 1 .. T-1
+    logprobs = torch.cat([gather_logprobs(z, ids, temperature) for z, ids in parts], 1)  # (B, T)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = torch.cat([entropy_from_logits(z.float() / temperature) for z, _ in parts], 1)
+    return logprobs, entropy
+
+
+class _NoCache(Exception):
+    """The model returned no KV cache (e.g. gradient checkpointing in training mode turns it off)."""
+
+
+def _cache_keyword(model: Any) -> str:
+    """The forward's name of the KV-cache argument: `cache` (transformers >= 5.2x) or `past_key_values`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+_SHARING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _sharing_works(model: Any, batch: RolloutBatch, temperature: float) -> bool:
+    """Whether shared_prompt_logprobs reproduces the one-pass forward for this model (checked once per model on
+    its first batch, without gradient: max |Δ log-prob| < 1e-3 in float32, 5e-2 in half precision). Architectures
+    whose cache cannot be indexed or extended this way fall back to the one-pass forward, with a note."""
+    try:
+        return _SHARING[model]
+    except (KeyError, TypeError):
+        pass
+    reason = ""
+    try:
+        with torch.no_grad():
+            shared, _ = shared_prompt_logprobs(model, batch, temperature)
+            full, _ = forward_logprobs(model, batch, temperature)
+        real = batch.completion_mask.bool()
+        diff = float((shared - full).abs()[real].max()) if bool(real.any()) else 0.0
+        tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+        if not diff < tol:
+            reason = f"log-probs differ by {diff:.2g}"
+    except Exception as err:  # any architecture-specific failure means: do not share
+        reason = f"{type(err).__name__}: {str(err)[:120]}"
+    if reason:
+        print(f"note: prompt sharing off for {type(model).__name__} ({reason}); one forward pass per row",
+              file=sys.stderr, flush=True)
+    with contextlib.suppress(TypeError):
+        _SHARING[model] = not reason
+    return not reason
 
 
 def forward_values(value_model: Any, batch: RolloutBatch) -> torch.Tensor:
@@ -187,15 +268,16 @@ def adapter_disabled(model: Any):
 
 
 @torch.no_grad()
-def reference_logprobs(policy: Any, ref_model: Any | None, batch: RolloutBatch, temperature: float) -> torch.Tensor:
+def reference_logprobs(policy: Any, ref_model: Any | None, batch: RolloutBatch, temperature: float,
+                       share_prompts: bool = False) -> torch.Tensor:
     """(B, T) log-probs under the reference policy: ref_model, or (ref_model None) the LoRA policy with its
     adapter disabled, which is the frozen base model without a second copy in memory."""
     if ref_model is not None:
-        return forward_logprobs(ref_model, batch, temperature)[0]
+        return forward_logprobs(ref_model, batch, temperature, share_prompts=share_prompts)[0]
     if not hasattr(policy, "disable_adapter"):
         raise ValueError("reference_logprobs: ref_model is None but the policy has no LoRA adapter to disable")
     with adapter_disabled(policy):
-        return forward_logprobs(policy, batch, temperature)[0]
+        return forward_logprobs(policy, batch, temperature, share_prompts=share_prompts)[0]
 
 
 def load_reference(policy: Any, cfg: ModelConfig, device: torch.device) -> Any | None:
@@ -218,11 +300,12 @@ def micro_batches(indices: torch.Tensor | list[int], size: int) -> Iterator[list
 
 @torch.no_grad()
 def score_rollout_forward(model: Any, batch: RolloutBatch, temperature: float, micro_batch_size: int,
-                          with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                          with_entropy: bool = False, share_prompts: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """forward_logprobs over the whole batch in micro-batches (no gradient): (B, T) log-probs, (B, T) entropy."""
     lps, ents = [], []
     for idx in micro_batches(range(len(batch)), micro_batch_size):
-        lp, ent = forward_logprobs(model, batch.select(idx), temperature, with_entropy)
+        lp, ent = forward_logprobs(model, batch.select(idx), temperature, with_entropy, share_prompts)
         lps.append(lp)
         ents.append(ent)
     return torch.cat(lps), (torch.cat(ents) if with_entropy else None)

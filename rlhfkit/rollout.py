@@ -521,6 +521,17 @@ class FastDecoder:
             h = self._mlp_block(ly, h)
         return self.lm_head(self._norm(h, self.norm_f))  # (B, V)
 
+    def _caches(self, rows: int, slots: int) -> list[tuple]:
+        """Per layer: keys (write view (rows, Hkv, D, slots), read view (rows*Hkv, D, slots)), values (write view
+        (rows, Hkv, slots, D), read view (rows*Hkv, slots, D)), zero-filled."""
+        Hkv, D = self.n_kv, self.head_dim
+        caches = []
+        for _ in self.layers:
+            keys = torch.zeros(rows * Hkv, D, slots, dtype=self.dtype, device=self.device)
+            values = torch.zeros(rows * Hkv, slots, D, dtype=self.dtype, device=self.device)
+            caches.append((keys.view(rows, Hkv, D, slots), keys, values.view(rows, Hkv, slots, D), values))
+        return caches
+
     def decode_threads(self, batch: int) -> list[int]:
         """Intra-op thread counts the decode steps choose from (DECODE_ONE_THREAD_FLOPS): [1, torch's] for small
         steps on a CPU with several threads (timed at the start of each call), else [torch's]."""
@@ -544,7 +555,7 @@ class FastDecoder:
         B, P = ids.shape
         T = gen.max_new_tokens
         total = P + T
-        Hkv, D = self.n_kv, self.head_dim
+        Hkv = self.n_kv
         lengths = valid.sum(-1)  # (B,) prompt lengths = position of the first new token
         if self.max_positions is not None and int(lengths.max()) + T > self.max_positions:
             raise UserError(f"sampling: prompt + gen.max_new_tokens exceeds the model's {self.max_positions} "
@@ -556,19 +567,19 @@ class FastDecoder:
             step_cos, step_sin = self.cos[steps_pos].unsqueeze(2), self.sin[steps_pos].unsqueeze(2)  # (T, B, 1, D)
         else:
             step_cos, step_sin = F.embedding(steps_pos, self.wpe), None  # (T, B, H) position embeddings
-        caches = []
-        for _ in self.layers:  # per layer: keys (write view, read view), values (write view, read view)
-            keys = torch.zeros(B * Hkv, D, total, dtype=self.dtype, device=self.device)
-            values = torch.zeros(B * Hkv, total, D, dtype=self.dtype, device=self.device)
-            caches.append((keys.view(B, Hkv, D, total), keys, values.view(B, Hkv, total, D), values))
+        caches = self._caches(B, total)
         neg = torch.finfo(self.dtype).min
         slots = torch.cat([valid, valid.new_ones(B, T)], 1)  # (B, P+T): cache slots holding real tokens
         step_mask = torch.zeros(B, Hkv, 1, total, dtype=self.dtype, device=self.device).masked_fill(
             ~slots[:, None, None, :], neg).view(B * Hkv, 1, total)
+        # each distinct prompt is prefilled once (GRPO/RLOO repeat every prompt G times), then copied to its rows
+        distinct, row_of = torch.unique(torch.cat([ids, valid.long()], 1), dim=0, return_inverse=True)
+        U = distinct.shape[0]
+        u_ids, u_valid = (distinct[:, :P], distinct[:, P:].bool()) if U < B else (ids, valid)
         causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()
         # pad query rows attend to themselves only, so no softmax row is empty (their outputs are never read)
-        allowed = (causal & valid[:, None, None, :]) | torch.eye(P, dtype=torch.bool, device=self.device)
-        prefill_mask = torch.zeros(B, 1, P, P, dtype=self.dtype, device=self.device).masked_fill(~allowed, neg)
+        allowed = (causal & u_valid[:, None, None, :]) | torch.eye(P, dtype=torch.bool, device=self.device)
+        prefill_mask = torch.zeros(U, 1, P, P, dtype=self.dtype, device=self.device).masked_fill(~allowed, neg)
 
         choices, memo = self.decode_threads(B), None
         if len(choices) > 1:  # a recent call of this shape chose already: use it, re-time every few calls
@@ -579,7 +590,14 @@ class FastDecoder:
         timings: dict[int, list[float]] = {c: [] for c in choices}
         self.tuned_threads = memo[0] if memo else choices[0]
         torch.set_num_threads(self.tuned_threads)  # the prefill runs on the last choice
-        logits = self._prefill(ids, position_ids_from_mask(valid.long()), caches, prefill_mask)
+        if U == B:
+            logits = self._prefill(ids, position_ids_from_mask(valid.long()), caches, prefill_mask)
+        else:  # distinct rows in sorted order; row_of maps each row to its prompt
+            prefilled = self._caches(U, P)
+            logits = self._prefill(u_ids, position_ids_from_mask(u_valid.long()), prefilled, prefill_mask)[row_of]
+            for (k_w, _, v_w, _), (k_u, _, v_u, _) in zip(caches, prefilled):
+                k_w[..., :P] = k_u[row_of]
+                v_w[:, :, :P] = v_u[row_of]
         tokens = torch.empty(B, T, dtype=torch.long, device=self.device)
         lps = torch.empty(B, T, dtype=torch.float32, device=self.device)
         done = torch.zeros(B, 1, dtype=torch.bool, device=self.device)

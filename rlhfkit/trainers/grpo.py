@@ -146,6 +146,17 @@ def needs_old_pass(cfg: GRPOConfig) -> bool:
     return cfg.train.update_epochs * cfg.train.num_minibatches > 1 or cfg.advantage == "reinforce_pp"
 
 
+def sharing_prompts(cfg: GRPOConfig, world: D.World) -> bool:
+    """Whether the forwards run each prompt once for its G rows (rl.shared_prompt_logprobs): when every unit of
+    rows a pass sees (a rank's rollout share, its minibatch share, a micro-batch) holds whole groups, and minibatches
+    are then drawn as whole groups. Every micro-batch then holds the same number of distinct prompts, so a row's
+    log-probs do not depend on which groups share its forward (the first ratio stays exactly 1). Not under FSDP /
+    ZeRO-3 (sharded layers expect one forward per step)."""
+    t, W = cfg.train, world.size
+    units = (t.rollout_batch_size // W, t.rollout_batch_size // t.num_minibatches // W, t.micro_batch_size)
+    return t.num_generations > 1 and not world.shards_params and all(n % t.num_generations == 0 for n in units)
+
+
 def sequence_advantages(cfg: GRPOConfig, scores: torch.Tensor) -> torch.Tensor:
     """(B,) shaped scores, prompt-major groups of G -> (B,) per-sequence advantages (reinforce_pp: the scores)."""
     G = cfg.train.num_generations
@@ -201,6 +212,7 @@ def main(cfg: GRPOConfig, argv: list[str] | None = None) -> dict:
     t, B, G = cfg.train, cfg.train.rollout_batch_size, cfg.train.num_generations
     minibatch = B // t.num_minibatches
     old_pass = needs_old_pass(cfg)
+    share = sharing_prompts(cfg, world)
     sampler = make_sampler(cfg.gen, cfg.model, world)  # gen.backend=vllm: a vLLM engine on this GPU; else None
 
     def rollout(indices: list[int], seed: int) -> R.RolloutBatch:
@@ -253,9 +265,10 @@ def main(cfg: GRPOConfig, argv: list[str] | None = None) -> dict:
         # 2. reference log-probs (and old ones when needed) of the share, no gradient; then the global batch
         rows = list(range(len(batch)))
         with world.autocast():  # the launcher's mixed precision, as in the training forward
-            ref_logprobs = torch.cat([R.reference_logprobs(policy, ref_model, batch.select(i), temperature)
+            ref_logprobs = torch.cat([R.reference_logprobs(policy, ref_model, batch.select(i), temperature, share)
                                       for i in R.micro_batches(rows, t.micro_batch_size)])
-            old = R.score_rollout_forward(policy, batch, temperature, t.micro_batch_size, True) if old_pass else ()
+            old = (R.score_rollout_forward(policy, batch, temperature, t.micro_batch_size, True, share) if old_pass
+                   else ())
         batch, (raw, ref_logprobs, *old) = D.gather_rollout(world, batch, raw, ref_logprobs, *old)
         scores = S.shape_scores(raw, batch.has_eos, cfg.reward, normalizer).to(device)
         mask = batch.completion_mask
@@ -275,11 +288,12 @@ def main(cfg: GRPOConfig, argv: list[str] | None = None) -> dict:
         stats, first, stopped = [], {}, False
         order_gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
         for epoch in range(t.update_epochs):
-            order = torch.randperm(B, generator=order_gen)
+            order = (torch.randperm(B // G, generator=order_gen)[:, None] * G + torch.arange(G)).flatten() if share \
+                else torch.randperm(B, generator=order_gen)  # sharing: whole groups (see sharing_prompts)
             for mb_start in range(0, B, minibatch):
                 mb = order[mb_start: mb_start + minibatch].tolist()
                 mb_stats = train_minibatch(cfg, batch, mb, runner, world, ro, kl_ctl.value, temperature,
-                                           fill=not old_pass)
+                                           fill=not old_pass, share_prompts=share)
                 mb_stats["grad_norm"] = world.clip_and_step(params, optimizer, None, cfg.optim.max_grad_norm, runner)
                 stats.append(mb_stats)
                 if not first:
@@ -366,7 +380,8 @@ def group_stats(raw: torch.Tensor, G: int) -> dict[str, float]:
 
 
 def train_minibatch(cfg: GRPOConfig, batch: R.RolloutBatch, mb: list[int], runner: D.Runner, world: D.World,
-                    ro: dict[str, torch.Tensor], kl_coef: float, temperature: float, fill: bool) -> dict[str, float]:
+                    ro: dict[str, torch.Tensor], kl_coef: float, temperature: float, fill: bool,
+                    share_prompts: bool = False) -> dict[str, float]:
     """Forward/backward of this rank's share of one minibatch in micro-batches; the gradients (averaged over
     ranks by the engine) sum to the whole minibatch's aggregate. fill (on-policy single step): old log-probs are
     this forward's own, detached, and the rows' entropy, old log-probs and advantages are written into `ro`;
@@ -384,8 +399,8 @@ def train_minibatch(cfg: GRPOConfig, batch: R.RolloutBatch, mb: list[int], runne
         m, ref = mask[index], ro["ref_logprobs"][index]
         with world.accumulate(runner, last=k == len(local) - 1):
             # the training forward inside the engine's wrapper (DDP sees it): (b, T) log-probs, entropy if fill
-            logprobs, entropy = runner(lambda mods, sub: R.forward_logprobs(mods.policy, sub, temperature, fill),
-                                       batch.select(idx))
+            logprobs, entropy = runner(lambda mods, sub: R.forward_logprobs(mods.policy, sub, temperature, fill,
+                                                                            share_prompts), batch.select(idx))
             if fill:
                 old = logprobs.detach()
                 with torch.no_grad():

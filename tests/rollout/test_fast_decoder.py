@@ -105,6 +105,24 @@ def test_greedy_tokens_equal_hf_generate_with_lora(stories):
     assert off.completion_ids == base.completion_ids
 
 
+@pytest.mark.parametrize("kind", ["stories", "gpt2"])
+def test_repeated_prompts_prefilled_once_decode_as_distinct(stories, kind, monkeypatch):
+    """GRPO/RLOO batches repeat each prompt G times, interleaved with other prompts: the decoder prefills each
+    distinct prompt once and copies its cache to its rows. Greedy tokens and log-probs equal HF generate's, and
+    the prefill really ran on the distinct prompts only."""
+    model = stories if kind == "stories" else tiny_model("gpt2")
+    distinct = random_prompts(3, 300, seed=7, lo=2, hi=14)
+    prompts = [distinct[i] for i in (2, 0, 2, 1, 0, 2, 1)]  # 7 rows, 3 prompts, unsorted
+    rows = []
+    prefill = FastDecoder._prefill
+    monkeypatch.setattr(FastDecoder, "_prefill", lambda self, ids, *a: rows.append(ids.shape[0]) or
+                        prefill(self, ids, *a))
+    fast = assert_same_greedy(model, prompts)
+    assert rows == [3]
+    assert fast.completion_ids[0] == fast.completion_ids[2] == fast.completion_ids[5]
+    assert fast.completion_ids[1] != fast.completion_ids[0]
+
+
 @pytest.mark.parametrize("backend", ["fast", "hf"])
 def test_sampling_logprobs_equal_training_forward(stories, backend):
     """Left-padded batch, temperature 0.7: the training forward (position_ids = cumsum(mask) - 1, logits / T)

@@ -69,6 +69,75 @@ def test_training_forward_is_row_independent(stories, tok):
     assert torch.equal(chunked, full)
 
 
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(3)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                      eos_token_id=2, bos_token_id=1)).eval()
+
+
+def grouped_batch(model, tok) -> R.RolloutBatch:
+    """3 prompts of different lengths x 3 completions, rows of a prompt not adjacent; temperature 1 samples."""
+    prompts = [tok(t)["input_ids"] for t in ["Once upon a time", "Lily", "The big red dog saw a cat and"]]
+    order = [0, 1, 2, 1, 0, 2, 2, 0, 1]
+    return R.generate_rollout(model, tok, ["p"] * 9, [prompts[i] for i in order],
+                              GenConfig(max_new_tokens=10, temperature=1.0), seed=1)
+
+
+@pytest.mark.parametrize("kind", ["stories", "gpt2", "lora"])
+def test_shared_prompt_forward_equals_one_pass(stories, tok, kind):
+    """Each distinct prompt runs once (3 rows in pass 1, not 9) and its cache serves its rows' completions:
+    log-probs, entropy and parameter gradients equal the one-pass forward's to float rounding."""
+    model = {"stories": stories, "gpt2": tiny_gpt2()}.get(kind) or M.apply_lora(
+        copy.deepcopy(stories), ModelConfig(lora_r=4, lora_alpha=8))
+    batch = grouped_batch(model, tok)
+    assert batch.attention_mask[:, 0].min() == 0 and not bool(batch.has_eos.all())  # left padding, ragged ends
+    seen = []
+    forward = type(model).forward
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(model), "forward", lambda self, *a, **k: seen.append(k["input_ids"].shape) or
+                   forward(self, *a, **k))
+        shared, ent_s = R.shared_prompt_logprobs(model, batch, 0.8, with_entropy=True)
+    assert seen[0] == (3, batch.prompt_width) and seen[1] == (9, batch.completion_ids.shape[1] - 1)
+    full, ent_f = R.forward_logprobs(model, batch, 0.8, with_entropy=True)
+    mask = batch.completion_mask.bool()
+    assert (shared - full).abs()[mask].max() < 1e-5 and (ent_s - ent_f).abs()[mask].max() < 1e-4
+    trained = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for lp in (shared, full):
+        model.zero_grad()
+        torch.where(mask, lp, 0.0).sum().backward(retain_graph=True)
+        grads.append([p.grad.clone() for p in trained])
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-6, ((a - b).abs().max(), b.abs().max())
+    assert sum(float(g.abs().sum()) for g in grads[0]) > 0
+    model.zero_grad()
+    with torch.no_grad():  # through forward_logprobs (checked once per model, then used)
+        assert torch.equal(R.forward_logprobs(model, batch, 0.8, share_prompts=True)[0],
+                           R.shared_prompt_logprobs(model, batch, 0.8)[0])
+
+
+def test_shared_prompt_forward_falls_back_when_the_model_gives_no_cache(stories, tok, capsys):
+    class NoCache(torch.nn.Module):  # e.g. a model whose cache cannot be returned or extended
+        def __init__(self):
+            super().__init__()
+            self.inner = copy.deepcopy(stories)
+
+        def forward(self, **kwargs):
+            out = self.inner(**kwargs)
+            out.cache = out.past_key_values = None
+            return out
+
+    model = NoCache()
+    batch = grouped_batch(stories, tok)
+    with torch.no_grad():
+        lp, _ = R.forward_logprobs(model, batch, 1.0, share_prompts=True)
+        full, _ = R.forward_logprobs(stories, batch, 1.0)
+    assert torch.equal(lp, full)
+    assert "prompt sharing off for NoCache" in capsys.readouterr().err
+
+
 def test_forward_logprobs_matches_naive_and_entropy(stories):
     b = small_batch()
     with torch.no_grad():

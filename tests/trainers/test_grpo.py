@@ -174,6 +174,31 @@ def test_resume_is_bit_identical(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_prompt_sharing_keeps_first_ratio_and_first_kl_exact(tmp_path, monkeypatch):
+    """micro_batch_size = G: every micro-batch holds whole groups, so the reference, old and training passes run each
+    prompt once (rl.shared_prompt_logprobs) and minibatches are drawn as whole groups; a row's numbers still do not
+    depend on which groups share its forward: first ratio exactly 1, first KL exactly 0, groups kept whole."""
+    from rlhfkit import rl as R
+
+    calls, minibatches = [], []
+    shared = R.shared_prompt_logprobs
+    monkeypatch.setattr(R, "shared_prompt_logprobs", lambda m, b, *a: calls.append(len(b)) or shared(m, b, *a))
+    train = grpo.train_minibatch
+    monkeypatch.setattr(grpo, "train_minibatch", lambda cfg, batch, mb, *a, **k: minibatches.append(mb) or
+                        train(cfg, batch, mb, *a, **k))
+    out = tmp_path / "shared"
+    cfg = tiny_cfg(out, **MULTI, **{"train.micro_batch_size": "4"})
+    assert grpo.sharing_prompts(cfg, D.World()) and not grpo.sharing_prompts(tiny_cfg(out, **MULTI), D.World())
+    grpo.main(cfg, [])
+    lines = rows(out)
+    assert calls and set(calls) == {4}  # every pass of every micro-batch went through the shared forward
+    assert all(sorted(i // 4 for i in mb) == [mb[0] // 4] * 4 for mb in minibatches)  # one whole group each
+    assert lines[0]["objective/kl"] == 0.0 and lines[1]["objective/kl"] != 0.0
+    for r in lines:
+        assert r["policy/ratio_first_min"] == 1.0 == r["policy/ratio_first_max"]
+        assert r["rollout/logprob_diff_max"] < 1e-4
+
+
 def test_reinforce_pp_with_lora_adapter_off_reference(tmp_path):
     """REINFORCE++: one completion per prompt, KL in the reward, advantages whitened over the batch."""
     out = tmp_path / "rpp"
