@@ -157,17 +157,17 @@ def sampling_temperature(gen: GenConfig) -> float:
 
 
 def forward_logprobs(model: Any, batch: RolloutBatch, temperature: float, with_entropy: bool = False,
-                     share_prompts: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     group: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the completion tokens, (B, T) float32, under softmax(logits / temperature); with_entropy also
     returns the per-token entropy of that distribution (no gradient). Differentiable when grad is enabled.
 
     Logits at position P-1+t predict completion token t; only those T positions go through the LM head.
-    share_prompts (GRPO/RLOO, where every prompt has G rows): each distinct prompt goes through the model once and
-    its KV cache is shared by its rows' completions (`shared_prompt_logprobs`); the numbers equal the one-pass
-    forward's to float rounding. A trainer passes the same flag to every pass of a run, so the old, reference and
-    training log-probs of a row are computed the same way."""
-    if share_prompts and _sharing_works(model, batch, temperature):
-        return shared_prompt_logprobs(model, batch, temperature, with_entropy)
+    group > 1 (GRPO/RLOO): consecutive runs of `group` rows share one prompt, which then goes through the model
+    once, its KV cache shared by the run's completions (`shared_prompt_logprobs`); the numbers equal the one-pass
+    forward's to float rounding. A trainer passes the same group to every pass of a run, so the old, reference and
+    training log-probs of a row are computed the same way. Rows not in such runs take the one-pass forward."""
+    if group > 1 and _in_runs(batch, group) and _sharing_works(model, batch, temperature, group):
+        return shared_prompt_logprobs(model, batch, temperature, with_entropy, group)
     T = batch.completion_ids.shape[1]
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                 use_cache=False, logits_to_keep=T + 1)
@@ -180,34 +180,42 @@ def forward_logprobs(model: Any, batch: RolloutBatch, temperature: float, with_e
     return logprobs, entropy
 
 
-def shared_prompt_logprobs(model: Any, batch: RolloutBatch, temperature: float, with_entropy: bool = False
-                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """forward_logprobs with the prompt computed once per distinct prompt: pass 1 runs the U distinct (left-padded)
-    prompts with a KV cache and gives the logits of completion token 0; the cache is then indexed to the B rows
-    (autograd sums the rows' gradients into the shared prompt) and pass 2 runs the completions, tokens 0..T-2, at
-    positions P.. on top of it. With G rows per prompt this skips (G-1)/G of the prompt tokens in the forward and
-    the backward: the larger the prompt, the larger the saving (measured in docs/critic_free.md)."""
-    P, T = batch.prompt_width, batch.completion_ids.shape[1]
-    key = torch.cat([batch.input_ids[:, :P], batch.attention_mask[:, :P]], 1)
-    distinct, row_of = torch.unique(key, dim=0, return_inverse=True)  # (U, 2P), (B,)
-    mask = distinct[:, P:]
-    first = model(input_ids=distinct[:, :P], attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                  use_cache=True, logits_to_keep=1)
-    head = first.logits[row_of]  # (B, 1, V): predicts completion token 0
-    parts = [(head, batch.completion_ids[:, :1])]
-    if T > 1:
-        cache = getattr(first, "cache", None) or getattr(first, "past_key_values", None)
-        if cache is None:
-            raise _NoCache
-        cache.batch_select_indices(row_of)
-        rest = model(input_ids=batch.completion_ids[:, :-1], attention_mask=batch.attention_mask[:, :-1],
-                     position_ids=batch.position_ids[:, P:-1], use_cache=True, **{_cache_keyword(model): cache})
-        parts.append((rest.logits, batch.completion_ids[:, 1:]))  # (B, T-1, V): predict tokens 1 .. T-1
-    logprobs = torch.cat([gather_logprobs(z, ids, temperature) for z, ids in parts], 1)  # (B, T)
+def shared_prompt_logprobs(model: Any, batch: RolloutBatch, temperature: float, with_entropy: bool = False,
+                           group: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """forward_logprobs for B rows in consecutive runs of `group` rows with the same prompt (GRPO's layout): pass 1
+    runs the B / group prompts (left-padded, width P) to fill a KV cache, which is cut to the first P - 1 columns
+    and indexed to the B rows (autograd sums the rows' gradients into the shared prompt); pass 2 runs, per row, the
+    prompt's last token and the T completion tokens at positions P-1.. on top of it: its first T logits predict the
+    completion. Skips (G-1)/G of the prompt tokens in the forward and the backward: the longer the prompt, the
+    larger the saving (docs/critic_free.md).
+
+    A row's numbers never depend on what the other rows hold, which keeps the first PPO ratio exactly 1: the runs,
+    not the prompts' text, decide pass 1's rows; pass 1 gets a 4D mask (from a 2D mask without padding transformers
+    would pick another attention kernel); and the last position of each pass is one nobody reads (the cut column,
+    the token after the completion), because torch's elementwise kernels round the last few elements of a
+    contiguous tensor differently (scalar tail), as in the one-pass forward, whose last position is never read."""
+    P, device = batch.prompt_width, batch.input_ids.device
+    row_of = torch.arange(len(batch), device=device) // group  # (B,) run of each row
+    valid = batch.attention_mask[::group, :P].bool()  # (U, P)
+    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+    allowed = (causal & valid[:, None, None, :]) | torch.eye(P, dtype=torch.bool, device=device)  # pad rows: self
+    dtype = model.get_input_embeddings().weight.dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    first = model(input_ids=batch.input_ids[::group, :P], attention_mask=mask,
+                  position_ids=batch.position_ids[::group, :P], use_cache=True, logits_to_keep=1)
+    cache = getattr(first, "cache", None) or getattr(first, "past_key_values", None)
+    if cache is None:
+        raise _NoCache
+    cache.crop(-1)  # drop column P-1 (negative: "remove this many", in every transformers version)
+    cache.batch_select_indices(row_of)
+    logits = model(input_ids=batch.input_ids[:, P - 1:], attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids[:, P - 1:], use_cache=True,
+                   **{_cache_keyword(model): cache}).logits[:, :-1]  # (B, T, V)
+    logprobs = gather_logprobs(logits, batch.completion_ids, temperature)  # (B, T)
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            entropy = torch.cat([entropy_from_logits(z.float() / temperature) for z, _ in parts], 1)
+            entropy = entropy_from_logits(logits.float() / temperature)  # (B, T)
     return logprobs, entropy
 
 
@@ -224,7 +232,16 @@ def _cache_keyword(model: Any) -> str:
 _SHARING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _sharing_works(model: Any, batch: RolloutBatch, temperature: float) -> bool:
+def _in_runs(batch: RolloutBatch, group: int) -> bool:
+    """Whether the rows come in consecutive runs of `group` rows with the same prompt (ids and mask)."""
+    if len(batch) % group or batch.prompt_width < 2:  # (a prompt width of 1 leaves nothing to share)
+        return False
+    P = batch.prompt_width
+    key = torch.cat([batch.input_ids[:, :P], batch.attention_mask[:, :P]], 1).unflatten(0, (-1, group))
+    return bool((key == key[:, :1]).all())
+
+
+def _sharing_works(model: Any, batch: RolloutBatch, temperature: float, group: int) -> bool:
     """Whether shared_prompt_logprobs reproduces the one-pass forward for this model (checked once per model on
     its first batch, without gradient: max |Δ log-prob| < 1e-3 in float32, 5e-2 in half precision). Architectures
     whose cache cannot be indexed or extended this way fall back to the one-pass forward, with a note."""
@@ -235,7 +252,7 @@ def _sharing_works(model: Any, batch: RolloutBatch, temperature: float) -> bool:
     reason = ""
     try:
         with torch.no_grad():
-            shared, _ = shared_prompt_logprobs(model, batch, temperature)
+            shared, _ = shared_prompt_logprobs(model, batch, temperature, group=group)
             full, _ = forward_logprobs(model, batch, temperature)
         real = batch.completion_mask.bool()
         diff = float((shared - full).abs()[real].max()) if bool(real.any()) else 0.0
@@ -269,15 +286,15 @@ def adapter_disabled(model: Any):
 
 @torch.no_grad()
 def reference_logprobs(policy: Any, ref_model: Any | None, batch: RolloutBatch, temperature: float,
-                       share_prompts: bool = False) -> torch.Tensor:
+                       group: int = 0) -> torch.Tensor:
     """(B, T) log-probs under the reference policy: ref_model, or (ref_model None) the LoRA policy with its
     adapter disabled, which is the frozen base model without a second copy in memory."""
     if ref_model is not None:
-        return forward_logprobs(ref_model, batch, temperature, share_prompts=share_prompts)[0]
+        return forward_logprobs(ref_model, batch, temperature, group=group)[0]
     if not hasattr(policy, "disable_adapter"):
         raise ValueError("reference_logprobs: ref_model is None but the policy has no LoRA adapter to disable")
     with adapter_disabled(policy):
-        return forward_logprobs(policy, batch, temperature, share_prompts=share_prompts)[0]
+        return forward_logprobs(policy, batch, temperature, group=group)[0]
 
 
 def load_reference(policy: Any, cfg: ModelConfig, device: torch.device) -> Any | None:
@@ -300,12 +317,11 @@ def micro_batches(indices: torch.Tensor | list[int], size: int) -> Iterator[list
 
 @torch.no_grad()
 def score_rollout_forward(model: Any, batch: RolloutBatch, temperature: float, micro_batch_size: int,
-                          with_entropy: bool = False, share_prompts: bool = False
-                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                          with_entropy: bool = False, group: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """forward_logprobs over the whole batch in micro-batches (no gradient): (B, T) log-probs, (B, T) entropy."""
     lps, ents = [], []
     for idx in micro_batches(range(len(batch)), micro_batch_size):
-        lp, ent = forward_logprobs(model, batch.select(idx), temperature, with_entropy, share_prompts)
+        lp, ent = forward_logprobs(model, batch.select(idx), temperature, with_entropy, group)
         lps.append(lp)
         ents.append(ent)
     return torch.cat(lps), (torch.cat(ents) if with_entropy else None)

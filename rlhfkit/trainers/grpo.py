@@ -212,7 +212,7 @@ def main(cfg: GRPOConfig, argv: list[str] | None = None) -> dict:
     t, B, G = cfg.train, cfg.train.rollout_batch_size, cfg.train.num_generations
     minibatch = B // t.num_minibatches
     old_pass = needs_old_pass(cfg)
-    share = sharing_prompts(cfg, world)
+    share = G if sharing_prompts(cfg, world) else 0  # > 0: forwards run each group's prompt once
     sampler = make_sampler(cfg.gen, cfg.model, world)  # gen.backend=vllm: a vLLM engine on this GPU; else None
 
     def rollout(indices: list[int], seed: int) -> R.RolloutBatch:
@@ -381,7 +381,7 @@ def group_stats(raw: torch.Tensor, G: int) -> dict[str, float]:
 
 def train_minibatch(cfg: GRPOConfig, batch: R.RolloutBatch, mb: list[int], runner: D.Runner, world: D.World,
                     ro: dict[str, torch.Tensor], kl_coef: float, temperature: float, fill: bool,
-                    share_prompts: bool = False) -> dict[str, float]:
+                    share_prompts: int = 0) -> dict[str, float]:
     """Forward/backward of this rank's share of one minibatch in micro-batches; the gradients (averaged over
     ranks by the engine) sum to the whole minibatch's aggregate. fill (on-policy single step): old log-probs are
     this forward's own, detached, and the rows' entropy, old log-probs and advantages are written into `ro`;

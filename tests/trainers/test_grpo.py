@@ -182,7 +182,8 @@ def test_prompt_sharing_keeps_first_ratio_and_first_kl_exact(tmp_path, monkeypat
 
     calls, minibatches = [], []
     shared = R.shared_prompt_logprobs
-    monkeypatch.setattr(R, "shared_prompt_logprobs", lambda m, b, *a: calls.append(len(b)) or shared(m, b, *a))
+    monkeypatch.setattr(R, "shared_prompt_logprobs", lambda m, b, *a, **k: calls.append(len(b)) or
+                        shared(m, b, *a, **k))
     train = grpo.train_minibatch
     monkeypatch.setattr(grpo, "train_minibatch", lambda cfg, batch, mb, *a, **k: minibatches.append(mb) or
                         train(cfg, batch, mb, *a, **k))
