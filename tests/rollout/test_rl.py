@@ -120,6 +120,33 @@ def test_shared_prompt_forward_equals_one_pass(stories, tok, kind):
         assert torch.equal(R.forward_logprobs(model, batch, 0.8, group=2)[0], R.forward_logprobs(model, batch, 0.8)[0])
 
 
+def test_shared_prompt_forward_is_row_independent(stories, tok):
+    """As the one-pass forward: a row's shared-prompt log-probs are bit-identical whichever groups share its
+    micro-batch (prompts of other lengths, with or without padding), with and without gradient, and for a model
+    with frozen weights (the reference) as for the trained one: the first ratio is exactly 1, the first KL 0."""
+    texts = ["Once upon a time there was", "Lily", "The big red dog saw a cat and", "Tom went", "A bird sang"]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    G = 3
+    batch = R.generate_rollout(stories, tok, ["p"] * 15, [p for p in prompts for _ in range(G)],
+                               GenConfig(max_new_tokens=12, temperature=1.0), seed=2)
+    frozen = copy.deepcopy(stories).requires_grad_(False)
+
+    def rows(groups):
+        return [g * G + i for g in groups for i in range(G)]
+
+    def run(model, pairing, grad):
+        out = torch.empty(batch.completion_ids.shape)
+        with torch.set_grad_enabled(grad):
+            for groups in pairing:
+                out[rows(groups)] = R.forward_logprobs(model, batch.select(rows(groups)), 1.0, group=G)[0].detach()
+        return out
+
+    base = run(stories, [[0, 1], [2, 3], [4]], False)
+    for model, pairing, grad in [(stories, [[0, 4], [3, 1], [2]], False), (stories, [[1, 2], [4, 0], [3]], True),
+                                 (frozen, [[3, 0], [2, 4], [1]], False)]:
+        assert torch.equal(run(model, pairing, grad), base)
+
+
 def test_shared_prompt_forward_falls_back_when_the_model_gives_no_cache(stories, tok, capsys):
     class NoCache(torch.nn.Module):  # e.g. a model whose cache cannot be returned or extended
         def __init__(self):
