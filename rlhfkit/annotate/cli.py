@@ -36,6 +36,11 @@ class ServeConfig:
     """How long a browser login lasts."""
     cookie_secure: bool = False
     """Send cookies over HTTPS only."""
+    login_max_failures: int = 10
+    """Failed logins per account name within login_window_s before further tries get 429 (5x per client
+    address); 0: no limit."""
+    login_window_s: float = 900.0
+    """Sliding window of login_max_failures, in seconds."""
     pool_size: int = 8
     """Database connections kept open."""
     sqlite_synchronous: str = "NORMAL"
@@ -48,6 +53,8 @@ class ServeConfig:
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise UserError(f"port: expected 0..65535, got {self.port}")
+        if self.login_max_failures < 0 or self.login_window_s <= 0:
+            raise UserError("login_max_failures must be >= 0 and login_window_s > 0")
 
 
 @dataclass
@@ -270,6 +277,7 @@ def serve(cfg: ServeConfig) -> dict:
 
     settings = Settings(db=cfg.db, max_body_bytes=cfg.max_body_bytes, session_hours=cfg.session_hours,
                         cookie_secure=cfg.cookie_secure, pool_size=cfg.pool_size,
+                        login_max_failures=cfg.login_max_failures, login_window_s=cfg.login_window_s,
                         sqlite_synchronous=cfg.sqlite_synchronous)
     app = create_app(settings)
     print(f"annotate: serving {app.state.store.safe_url} on http://{cfg.host}:{cfg.port} (JSON API under /api/)",

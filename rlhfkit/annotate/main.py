@@ -173,6 +173,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app = FastAPI(title=settings.title, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.store = store
     app.state.settings = settings
+    app.state.login_limiter = security.LoginLimiter(settings.login_max_failures, settings.login_window_s)
     app.state.templates = Jinja2Templates(directory=str(HERE / "templates"))
     app.add_middleware(GuardMiddleware, store=store, settings=settings)
 

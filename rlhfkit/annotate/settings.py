@@ -23,6 +23,11 @@ class Settings:
     """How long a browser login lasts."""
     cookie_secure: bool = False
     """Send cookies only over HTTPS (turn on behind a TLS proxy)."""
+    login_max_failures: int = 10
+    """Failed logins for one account name within login_window_s before further tries are refused (429) until the
+    oldest failure is that old; 5x as many for one client address. 0: no limit."""
+    login_window_s: float = 900.0
+    """The sliding window of login_max_failures, in seconds."""
     title: str = "rlhfkit annotate"
     """Shown in the page header."""
     pool_size: int = 8

@@ -254,3 +254,46 @@ def test_login_redirect_stays_on_site(app):
         r = app.post("/login", data={"name": "ann1", "password": "pw1", "csrf": csrf, "next": target},
                      follow_redirects=False)
         assert r.status_code == 303 and r.headers["location"] == expected
+
+
+def test_login_failures_are_rate_limited_per_name_and_address(app):
+    """login_max_failures wrong passwords for a name within the window: the next try, even with the right password,
+    is refused (429, Retry-After) without checking it; other names still work until the address itself has 5x as
+    many failures; after the window everything works again; a success clears the name's count."""
+    now = [1000.0]
+    limiter = app.app.state.login_limiter
+    limiter.max_failures, limiter.window_s, limiter.clock = 2, 60.0, lambda: now[0]
+    assert login(app, "ann1", "pw1").status_code == 303  # a success leaves no count behind
+    assert [login(app, "ann1", "bad").status_code for _ in range(2)] == [401, 401]
+    r = login(app, "ann1", "pw1")
+    assert r.status_code == 429 and "Too many failed logins" in r.text and 0 < int(r.headers["retry-after"]) <= 60
+    assert "rlhfkit_session" not in r.cookies
+    assert login(app, "ann2", "pw2").status_code == 303  # another account from the same address
+    now[0] += 61  # the failures left the window
+    assert login(app, "ann1", "pw1").status_code == 303
+    assert login(app, "ANN1", "bad").status_code == 401  # names count case-insensitively
+    assert login(app, "ann1", "pw1").status_code == 303  # one failure < 2, and the success clears it
+    for i in range(8):  # 8 more failures from this address, under other names: 9 in the window, limit 10
+        assert login(app, f"nobody{i}", "x").status_code == 401
+    assert login(app, "ann2", "bad").status_code == 401  # the 10th failure from this address
+    assert login(app, "ann3", "pw3").status_code == 429  # the address is now blocked for every name
+
+
+def test_login_limiter_by_hand():
+    from rlhfkit.annotate.security import LoginLimiter
+
+    t = [0.0]
+    lim = LoginLimiter(3, 10.0, clock=lambda: t[0], max_keys=4)
+    for k in range(3):
+        assert lim.retry_after("a", "ip") == 0.0
+        lim.failed("a", "ip")
+        t[0] += 1.0
+    assert lim.retry_after("a", "ip") == 7.0  # first failure at 0, window 10, now 3
+    t[0] = 10.0
+    assert lim.retry_after("a", "ip") == 0.0  # the failure at 0 left the window: 2 remain
+    lim.succeeded("a")
+    assert lim.retry_after("a", "ip") == 0.0
+    for name in "bcdef":  # more keys than max_keys: the stalest are dropped, memory stays bounded
+        lim.failed(name, "ip2")
+    assert len(lim._failures) <= 4
+    assert LoginLimiter(0, 10.0).retry_after("a", "ip") == 0.0  # 0 = off

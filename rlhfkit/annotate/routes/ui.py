@@ -6,6 +6,7 @@ labelling page posts a fresh client_key with each form, so a double click or a b
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Annotated
 
@@ -68,10 +69,19 @@ def login(request: Request, store: StoreDep, settings: SettingsDep, name: Annota
           password: Annotated[str, Form(max_length=200)], csrf: Annotated[str, Form(max_length=100)],
           next: Annotated[str, Form(max_length=500)] = "/"):
     _check_csrf(csrf, read_cookie(dict(request.scope["headers"]), LOGIN_CSRF_COOKIE))
+    limiter, address = request.app.state.login_limiter, request.client.host if request.client else "-"
+    wait = limiter.retry_after(name, address)
+    if wait > 0:  # refused before the password is even checked
+        resp = _render(request, "login.html", status=429, csrf=csrf, next=_safe_next(next),
+                       error=f"Too many failed logins. Try again in {math.ceil(wait)} seconds.")
+        resp.headers["Retry-After"] = str(math.ceil(wait))
+        return resp
     user = store.check_password(name=name, password=password)
     if user is None:
+        limiter.failed(name, address)
         return _render(request, "login.html", status=401, csrf=csrf, next=_safe_next(next),
                        error="Wrong name or password.")
+    limiter.succeeded(name)
     sid, _ = store.create_session(user_id=user.id, hours=settings.session_hours)
     resp = RedirectResponse(_safe_next(next), status_code=303)
     resp.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="lax", secure=settings.cookie_secure,
