@@ -39,7 +39,9 @@ COMMANDS: dict[str, tuple] = {
         "user": ("Manage users", {
             "add": ("Create a user and print its API token", "rlhfkit.annotate.cli", "UserAddConfig"),
             "token": ("Replace a user's API token and print it", "rlhfkit.annotate.cli", "UserTokenConfig"),
-            "list": ("List users and roles", "rlhfkit.annotate.cli", "UserListConfig")}),
+            "deactivate": ("Lock a user out (token, password, sessions); undo=true reactivates",
+                           "rlhfkit.annotate.cli", "UserDeactivateConfig"),
+            "list": ("List users, roles and deactivated accounts", "rlhfkit.annotate.cli", "UserListConfig")}),
         "stats": ("Progress per project and annotator, gold accuracy", "rlhfkit.annotate.cli", "StatsConfig"),
         "agreement": ("Percent agreement, Krippendorff's alpha, per pair", "rlhfkit.annotate.cli", "AgreementConfig"),
         "migrate": ("Upgrade a database to this version's schema", "rlhfkit.annotate.cli", "MigrateConfig"),

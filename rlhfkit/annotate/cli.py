@@ -2,6 +2,7 @@
 
     rlhfkit annotate serve db=feedback.db port=8000                        # web UI + JSON API under /api/
     rlhfkit annotate user add alice role=annotator password=... projects=p  # prints alice's API token
+    rlhfkit annotate user deactivate alice db=feedback.db                   # undo=true reactivates
     rlhfkit annotate project add p kinds=pairwise,rating k=3 criteria=helpfulness,harmlessness
     rlhfkit annotate import candidates.jsonl db=feedback.db project=p       # rlhfkit generate output
     rlhfkit annotate simulate db=feedback.db project=p preference=prefs.py:score crowd=5 temperature=1
@@ -225,6 +226,18 @@ class UserTokenConfig:
 
 
 @dataclass
+class UserDeactivateConfig:
+    positional = ("name",)
+    name: str = ""
+    """User to deactivate: API token, password and sessions stop working, leased items return to the queue; the
+    user's labels are kept."""
+    db: str = "feedback.db"
+    """Database."""
+    undo: bool = False
+    """Reactivate instead (token and password work again)."""
+
+
+@dataclass
 class UserListConfig:
     db: str = "feedback.db"
     """Database."""
@@ -407,6 +420,19 @@ def user_token(cfg: UserTokenConfig) -> dict:
     return {"name": cfg.name, "token": token}
 
 
+def user_deactivate(cfg: UserDeactivateConfig) -> dict:
+    if not cfg.name:
+        raise UserError("name: required, e.g. rlhfkit annotate user deactivate alice db=feedback.db")
+    store = _store(cfg.db, create=False)
+    try:
+        changed = store.set_active(name=cfg.name, active=cfg.undo)
+    finally:
+        store.close()
+    state = "active" if cfg.undo else "deactivated"
+    print(f"user {cfg.name}: {state}" + ("" if changed else " already"))
+    return {"name": cfg.name, "active": cfg.undo, "changed": changed}
+
+
 def user_list(cfg: UserListConfig) -> dict:
     store = _store(cfg.db, create=False)
     try:
@@ -414,7 +440,7 @@ def user_list(cfg: UserListConfig) -> dict:
     finally:
         store.close()
     for u in users:
-        print(f"{u['name']}\t{u['role']}")
+        print(f"{u['name']}\t{u['role']}" + ("" if u["active"] else "\tdeactivated"))
     return {"users": users}
 
 
@@ -457,6 +483,7 @@ def migrate(cfg: MigrateConfig) -> dict:
 
 HANDLERS = {ServeConfig: serve, ProjectAddConfig: project_add, ImportConfig: import_, ExportConfig: export,
             SimulateConfig: simulate, UserAddConfig: user_add, UserTokenConfig: user_token,
+            UserDeactivateConfig: user_deactivate,
             UserListConfig: user_list, StatsConfig: stats, AgreementConfig: agreement, MigrateConfig: migrate}
 
 

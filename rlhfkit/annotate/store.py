@@ -219,6 +219,23 @@ class Store:
         if not n:
             raise not_found(f"user {name!r}")
 
+    def set_active(self, *, name: str, active: bool) -> bool:
+        """Deactivate (or reactivate) a user; returns whether the flag changed. A deactivated user's API token,
+        password and open sessions stop working at once, the items it had leased go back to the queue; its labels
+        stay (exports and agreement still count them). Reactivating restores token and password."""
+        with self._tx(write=True) as c:
+            row = c.execute(select(T.users.c.id, T.users.c.active).where(T.users.c.name == name)).first()
+            if row is None:
+                raise not_found(f"user {name!r}")
+            if bool(row.active) == active:
+                return False
+            c.execute(T.users.update().where(T.users.c.id == row.id).values(active=active))
+            if not active:
+                c.execute(T.sessions.delete().where(T.sessions.c.user_id == row.id))
+                A = T.assignments
+                c.execute(A.update().where(A.c.user_id == row.id, A.c.status == "leased").values(expires_at=0.0))
+        return True
+
     def user_by_token(self, token: str) -> User | None:
         with self._tx() as c:
             row = c.execute(select(T.users.c.id, T.users.c.name, T.users.c.role).where(

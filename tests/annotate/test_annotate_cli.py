@@ -33,6 +33,25 @@ def test_user_add_prints_a_token_that_serve_accepts(cli, tmp_path):
             server.stop()
 
 
+def test_user_deactivate_and_undo_from_the_command_line(cli, tmp_path):
+    from rlhfkit.annotate.store import Store
+
+    db = str(tmp_path / "fb.db")
+    token = cli("annotate", "user", "add", "carol", f"db={db}").stdout.strip()
+    r = cli("annotate", "user", "deactivate", "carol", f"db={db}")
+    assert r.returncode == 0 and "carol: deactivated" in r.stdout
+    assert "carol\tannotator\tdeactivated" in cli("annotate", "user", "list", f"db={db}").stdout
+    store = Store(db)
+    try:
+        assert store.user_by_token(token) is None
+        r = cli("annotate", "user", "deactivate", "carol", "undo=true", f"db={db}")
+        assert r.returncode == 0 and "carol: active" in r.stdout and store.user_by_token(token).name == "carol"
+    finally:
+        store.close()
+    r = cli("annotate", "user", "deactivate", "nobody", f"db={db}")
+    assert r.returncode == 2 and "nobody" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_import_reports_file_line_and_writes_nothing(cli, tmp_path):
     db = str(tmp_path / "fb.db")
     bad = tmp_path / "cands.jsonl"

@@ -10,7 +10,8 @@ import pytest
 ADMIN_PATHS = [("GET", "/api/users"), ("POST", "/api/users"), ("POST", "/api/projects"),
                ("POST", "/api/projects/1/items"), ("POST", "/api/projects/1/members"),
                ("GET", "/api/projects/1/stats"), ("GET", "/api/projects/1/agreement"),
-               ("GET", "/api/projects/1/export"), ("POST", "/api/users/ann1/token")]
+               ("GET", "/api/projects/1/export"), ("POST", "/api/users/ann2/deactivate"),
+               ("POST", "/api/users/ann2/activate"), ("POST", "/api/users/ann1/token")]  # (rotates ann1's: last)
 
 
 OTHER_PATHS = [("GET", "/api/me"), ("GET", "/api/projects"), ("POST", "/api/labels"), ("POST", "/api/projects/1/next"),
@@ -297,3 +298,41 @@ def test_login_limiter_by_hand():
         lim.failed(name, "ip2")
     assert len(lim._failures) <= 4
     assert LoginLimiter(0, 10.0).retry_after("a", "ip") == 0.0  # 0 = off
+
+
+def test_deactivated_user_is_locked_out_at_once_and_labels_stay(app):
+    """POST /api/users/{name}/deactivate: the token, the password and an open browser session stop working, the
+    user's leased item goes back to the queue (another annotator gets it), its labels stay; activate undoes it."""
+    a1, pid = app.hdr("ann1"), app.project.id
+    first = app.post(f"/api/projects/{pid}/next", headers=a1).json()["task"]
+    assert app.post("/api/labels", headers=a1, json={"item_id": first["item_id"], "client_key": "k1",
+                                                     "choice": "A"}).status_code == 201
+    leased = app.post(f"/api/projects/{pid}/next", headers=a1).json()["task"]["item_id"]
+    assert lease_expiry(app, "ann1", leased) > 0
+    browser = login(app, "ann1", "pw1")
+    assert browser.status_code == 303 and app.get("/").status_code == 200
+    r = app.post("/api/users/ann1/deactivate", headers=app.hdr("admin"))
+    assert r.status_code == 200 and r.json() == {"name": "ann1", "active": False, "changed": True}
+    assert app.post("/api/users/ann1/deactivate", headers=app.hdr("admin")).json()["changed"] is False
+    assert app.get("/api/me", headers=a1).status_code == 401  # token
+    assert app.get("/", follow_redirects=False).status_code in (302, 303, 307)  # the session is gone
+    assert login(app, "ann1", "pw1").status_code == 401  # password
+    assert app.store.count_labels() == 1  # the label stays
+    assert lease_expiry(app, "ann1", leased) == 0.0  # the lease was given back (it would run for lease_seconds)
+    users = {u["name"]: u["active"] for u in app.get("/api/users", headers=app.hdr("admin")).json()}
+    assert users["ann1"] is False and users["ann2"] is True
+    assert app.post("/api/users/admin/deactivate", headers=app.hdr("admin")).status_code == 409  # not yourself
+    assert app.post("/api/users/nobody/deactivate", headers=app.hdr("admin")).status_code == 404
+    assert app.post("/api/users/ann1/deactivate", headers=app.hdr("ann2")).status_code == 403
+    assert app.post("/api/users/ann1/activate", headers=app.hdr("admin")).json()["changed"] is True
+    assert app.get("/api/me", headers=a1).status_code == 200 and login(app, "ann1", "pw1").status_code == 303
+
+
+def lease_expiry(app, name: str, item_id: int) -> float:
+    from sqlalchemy import select
+
+    from rlhfkit.annotate import tables as T
+
+    A, uid = T.assignments, app.store.user_by_name(name).id
+    with app.store._tx() as c:
+        return c.execute(select(A.c.expires_at).where(A.c.user_id == uid, A.c.item_id == item_id)).scalar_one()

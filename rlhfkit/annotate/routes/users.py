@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from rlhfkit.annotate.deps import AdminDep, StoreDep, UserDep
-from rlhfkit.annotate.errors import not_found
+from rlhfkit.annotate.errors import ApiError, not_found
 from rlhfkit.annotate.schemas import UserCreate
 
 router = APIRouter(prefix="/api", tags=["users"])
@@ -37,3 +37,16 @@ def rotate_token(name: str, _admin: AdminDep, store: StoreDep) -> dict:
     if store.user_by_name(name) is None:
         raise not_found(f"user {name!r}")
     return {"name": name, "token": store.new_token(name=name)}
+
+
+@router.post("/users/{name}/deactivate")
+def deactivate(name: str, admin: AdminDep, store: StoreDep) -> dict:
+    """Lock a user out at once (token, password, sessions); leased items go back to the queue, labels stay."""
+    if name == admin.name:
+        raise ApiError(409, "you cannot deactivate yourself (ask another admin, or use the command line)")
+    return {"name": name, "active": False, "changed": store.set_active(name=name, active=False)}
+
+
+@router.post("/users/{name}/activate")
+def activate(name: str, _admin: AdminDep, store: StoreDep) -> dict:
+    return {"name": name, "active": True, "changed": store.set_active(name=name, active=True)}
