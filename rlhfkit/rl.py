@@ -172,12 +172,7 @@ def forward_logprobs(model: Any, batch: RolloutBatch, temperature: float, with_e
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                 use_cache=False, logits_to_keep=T + 1)
     logits = out.logits[:, :-1]  # (B, T, V): positions P-1 .. P+T-2
-    logprobs = gather_logprobs(logits, batch.completion_ids, temperature)  # (B, T)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits.float() / temperature)  # (B, T)
-    return logprobs, entropy
+    return _completion_logprobs(logits, batch.completion_ids, temperature, with_entropy)
 
 
 def shared_prompt_logprobs(model: Any, batch: RolloutBatch, temperature: float, with_entropy: bool = False,
@@ -211,7 +206,13 @@ def shared_prompt_logprobs(model: Any, batch: RolloutBatch, temperature: float, 
     logits = model(input_ids=batch.input_ids[:, P - 1:], attention_mask=batch.attention_mask,
                    position_ids=batch.position_ids[:, P - 1:], use_cache=True,
                    **{_cache_keyword(model): cache}).logits[:, :-1]  # (B, T, V)
-    logprobs = gather_logprobs(logits, batch.completion_ids, temperature)  # (B, T)
+    return _completion_logprobs(logits, batch.completion_ids, temperature, with_entropy)
+
+
+def _completion_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperature: float,
+                         with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, T, V) logits that predict the (B, T) completion tokens -> their log-probs and (no gradient) entropy."""
+    logprobs = gather_logprobs(logits, completion_ids, temperature)  # (B, T)
     entropy = None
     if with_entropy:
         with torch.no_grad():
