@@ -175,6 +175,18 @@ def forward_logprobs(model: Any, batch: RolloutBatch, temperature: float, with_e
     return _completion_logprobs(logits, batch.completion_ids, temperature, with_entropy)
 
 
+def prompt_group(G: int, world: Any, rows: tuple[int, ...]) -> int:
+    """G when the forwards of a run may compute each prompt once for its G rows (shared_prompt_logprobs), else 0.
+    rows: the global sizes a pass sees (rollout batch, minibatch, micro-batch); each rank's share of the first two
+    and the micro-batch must hold whole groups, and the trainer then draws its minibatches as whole groups. Every
+    micro-batch then holds the same number of prompts, so a row's log-probs do not depend on which groups share its
+    forward (the first ratio stays exactly 1). Not under FSDP / ZeRO-3 (sharded layers expect one forward per
+    step)."""
+    *global_sizes, micro = rows
+    units = [n // world.size for n in global_sizes] + [micro]
+    return G if G > 1 and not world.shards_params and all(n % G == 0 for n in units) else 0
+
+
 def shared_prompt_logprobs(model: Any, batch: RolloutBatch, temperature: float, with_entropy: bool = False,
                            group: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """forward_logprobs for B rows in consecutive runs of `group` rows with the same prompt (GRPO's layout): pass 1

@@ -63,7 +63,8 @@ class GRPOTrainConfig:
     update_epochs: int = 1
     """Passes over the rollout batch per update (GRPO's μ). With 1 x 1 the update is on-policy (ratio 1)."""
     micro_batch_size: int = 16
-    """Sequences per forward/backward pass; a minibatch is accumulated from minibatch / micro_batch_size of them."""
+    """Sequences per forward/backward pass; a minibatch is accumulated from minibatch / micro_batch_size of them.
+    A multiple of num_generations (and a minibatch that is one) lets every pass run each prompt once for its group."""
     sample_every: int = 10
     """Print a table of samples and append them to samples.jsonl every N updates (0: never)."""
     num_samples_shown: int = 4
@@ -146,17 +147,6 @@ def needs_old_pass(cfg: GRPOConfig) -> bool:
     return cfg.train.update_epochs * cfg.train.num_minibatches > 1 or cfg.advantage == "reinforce_pp"
 
 
-def sharing_prompts(cfg: GRPOConfig, world: D.World) -> bool:
-    """Whether the forwards run each prompt once for its G rows (rl.shared_prompt_logprobs): when every unit of
-    rows a pass sees (a rank's rollout share, its minibatch share, a micro-batch) holds whole groups, and minibatches
-    are then drawn as whole groups. Every micro-batch then holds the same number of distinct prompts, so a row's
-    log-probs do not depend on which groups share its forward (the first ratio stays exactly 1). Not under FSDP /
-    ZeRO-3 (sharded layers expect one forward per step)."""
-    t, W = cfg.train, world.size
-    units = (t.rollout_batch_size // W, t.rollout_batch_size // t.num_minibatches // W, t.micro_batch_size)
-    return t.num_generations > 1 and not world.shards_params and all(n % t.num_generations == 0 for n in units)
-
-
 def sequence_advantages(cfg: GRPOConfig, scores: torch.Tensor) -> torch.Tensor:
     """(B,) shaped scores, prompt-major groups of G -> (B,) per-sequence advantages (reinforce_pp: the scores)."""
     G = cfg.train.num_generations
@@ -212,7 +202,7 @@ def main(cfg: GRPOConfig, argv: list[str] | None = None) -> dict:
     t, B, G = cfg.train, cfg.train.rollout_batch_size, cfg.train.num_generations
     minibatch = B // t.num_minibatches
     old_pass = needs_old_pass(cfg)
-    share = G if sharing_prompts(cfg, world) else 0  # > 0: forwards run each group's prompt once
+    share = R.prompt_group(G, world, rows=(B, minibatch, t.micro_batch_size))  # > 0: each prompt once per pass
     sampler = make_sampler(cfg.gen, cfg.model, world)  # gen.backend=vllm: a vLLM engine on this GPU; else None
 
     def rollout(indices: list[int], seed: int) -> R.RolloutBatch:
@@ -289,7 +279,7 @@ def main(cfg: GRPOConfig, argv: list[str] | None = None) -> dict:
         order_gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
         for epoch in range(t.update_epochs):
             order = (torch.randperm(B // G, generator=order_gen)[:, None] * G + torch.arange(G)).flatten() if share \
-                else torch.randperm(B, generator=order_gen)  # sharing: whole groups (see sharing_prompts)
+                else torch.randperm(B, generator=order_gen)  # sharing: whole groups (rl.prompt_group)
             for mb_start in range(0, B, minibatch):
                 mb = order[mb_start: mb_start + minibatch].tolist()
                 mb_stats = train_minibatch(cfg, batch, mb, runner, world, ro, kl_ctl.value, temperature,

@@ -189,7 +189,7 @@ def test_prompt_sharing_keeps_first_ratio_and_first_kl_exact(tmp_path, monkeypat
                         train(cfg, batch, mb, *a, **k))
     out = tmp_path / "shared"
     cfg = tiny_cfg(out, **MULTI, **{"train.micro_batch_size": "4"})
-    assert grpo.sharing_prompts(cfg, D.World()) and not grpo.sharing_prompts(tiny_cfg(out, **MULTI), D.World())
+    assert R.prompt_group(4, D.World(), rows=(8, 4, 4)) == 4 and R.prompt_group(4, D.World(), rows=(8, 4, 2)) == 0
     grpo.main(cfg, [])
     lines = rows(out)
     assert calls and set(calls) == {4}  # every pass of every micro-batch went through the shared forward

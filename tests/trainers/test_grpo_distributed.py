@@ -3,7 +3,9 @@
 each rank fills its rows' old log-probs and per-token advantages in its training forward) logs the same metrics and
 writes the same weights as one process, within the tolerance of tests/distributed/dist_helpers.py (float summation
 order across ranks). The groups of G = 4 land on different ranks; advantages use the gathered global batch.
-Launches tests/distributed/dist_stages.py (the harness of the other stages' data-parallel tests) once; -m slow
+A third run has whole groups in every rank's micro-batches, so each prompt runs once per forward (prompt
+sharing under DDP). Launches tests/distributed/dist_stages.py (the harness of the other stages' data-parallel
+tests) once; -m slow
 (about 20 s of CPU, 45 s of wall time on the shared 2-core machine).
 """
 
@@ -28,7 +30,11 @@ COMMON = [f"reward.function={REWARD}", "train.rollout_batch_size=8", "train.num_
           "train.micro_batch_size=2", "gen.max_new_tokens=10", "gen.batch_size=4", "reward.normalize_samples=8",
           "optim.lr=1e-3", "train.steps=2", "train.sample_every=1", "run.progress=false", "run.threads=1"]
 COMMANDS = {"grpo": ["grpo", *COMMON, "train.update_epochs=2", "train.num_minibatches=2"],
-            "rloo": ["rloo", *COMMON]}
+            "rloo": ["rloo", *COMMON],
+            # every rank's rollout share (8), minibatch share (4) and micro-batch (4) hold whole groups: each prompt
+            # runs once per pass (rl.shared_prompt_logprobs) inside the DDP-wrapped forward
+            "grpo_shared_prompts": ["grpo", *COMMON, "train.rollout_batch_size=16", "train.micro_batch_size=4",
+                                    "train.update_epochs=2", "train.num_minibatches=2"]}
 
 
 def rows(out: Path) -> list[dict]:
