@@ -5,8 +5,7 @@ writes the same weights as one process, within the tolerance of tests/distribute
 order across ranks). The groups of G = 4 land on different ranks; advantages use the gathered global batch.
 A third run has whole groups in every rank's micro-batches, so each prompt runs once per forward (prompt
 sharing under DDP). Launches tests/distributed/dist_stages.py (the harness of the other stages' data-parallel
-tests) once; -m slow
-(about 20 s of CPU, 45 s of wall time on the shared 2-core machine).
+tests) once; -m slow (about 30 s of CPU, 60 s of wall time on the shared 2-core machine).
 """
 
 from __future__ import annotations
