@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import threading
 import time
 from typing import Any, Iterator
@@ -84,6 +85,10 @@ class Store:
             if self.url in ("sqlite://", "sqlite:///:memory:"):
                 raise UserError("db: an in-memory SQLite database cannot be shared by the server's threads; "
                                 "give a file, e.g. db=feedback.db")
+            path = self.url.split(":///", 1)[-1].split("?", 1)[0]
+            if not create and not os.path.exists(path):  # opening must not leave an empty database file behind
+                raise UserError(f"db: {path} not found (create it with `rlhfkit annotate project add` or "
+                                "`user add`)")
             self.engine = create_engine(self.url, pool_size=pool_size, max_overflow=2 * pool_size, pool_timeout=60)
             self._sqlite_setup(self.engine, sqlite_synchronous.upper())
         else:

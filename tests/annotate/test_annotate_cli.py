@@ -50,6 +50,10 @@ def test_user_deactivate_and_undo_from_the_command_line(cli, tmp_path):
         store.close()
     r = cli("annotate", "user", "deactivate", "nobody", f"db={db}")
     assert r.returncode == 2 and "nobody" in r.stderr and "Traceback" not in r.stderr
+    missing = tmp_path / "typo.db"  # a command that only opens a database names the missing file, creates nothing
+    for argv in (["user", "deactivate", "carol"], ["user", "list"], ["stats"]):
+        r = cli("annotate", *argv, f"db={missing}")
+        assert r.returncode == 2 and "typo.db not found" in r.stderr and not missing.exists(), (argv, r.stderr)
 
 
 def test_import_reports_file_line_and_writes_nothing(cli, tmp_path):
@@ -95,6 +99,7 @@ def test_project_import_simulate_export_commands(tmp_path, capsys):
     assert agree["pairwise"]["percent_agreement"] == 1.0
     with pytest.raises(UserError, match="kind: expected one of"):
         run_command(["annotate", "export", f"db={db}", "project=p", "kind=votes", "output=x.jsonl"])
-    with pytest.raises(UserError, match="not an rlhfkit annotate database"):
+    with pytest.raises(UserError, match="none.db not found"):
         run_command(["annotate", "export", f"db={tmp_path / 'none.db'}", "project=p", "output=x.jsonl"])
+    assert not (tmp_path / "none.db").exists()
     capsys.readouterr()

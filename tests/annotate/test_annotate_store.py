@@ -60,8 +60,9 @@ def test_refuses_foreign_database(tmp_path):
     engine.dispose()
     with pytest.raises(UserError, match="no rlhfkit_meta"):
         Store(str(path))
-    with pytest.raises(UserError, match="not an rlhfkit annotate database"):
+    with pytest.raises(UserError, match="missing.db not found"):
         Store(str(tmp_path / "missing.db"), create=False)
+    assert not (tmp_path / "missing.db").exists()  # opening never leaves an empty file behind
 
 
 def test_import_is_idempotent_and_transactional(store, tmp_path):
