@@ -30,7 +30,7 @@ import torch
 from rlhfkit import models as M
 from rlhfkit.config import GenConfig, ModelConfig
 from rlhfkit.core import entropy_from_logits, gather_logprobs, has_eos, masked_mean, masked_sum, response_mask
-from rlhfkit.data.collate import pad_sequences, position_ids_from_mask
+from rlhfkit.data.collate import additive_mask, causal_padding_allowed, pad_sequences, position_ids_from_mask
 from rlhfkit.errors import UserError
 from rlhfkit.heads import scalar_outputs
 from rlhfkit.rollout import sample
@@ -203,11 +203,8 @@ def shared_prompt_logprobs(model: Any, batch: RolloutBatch, temperature: float, 
     contiguous tensor differently (scalar tail), as in the one-pass forward, whose last position is never read."""
     P, device = batch.prompt_width, batch.input_ids.device
     row_of = torch.arange(len(batch), device=device) // group  # (B,) run of each row
-    valid = batch.attention_mask[::group, :P].bool()  # (U, P)
-    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-    allowed = (causal & valid[:, None, None, :]) | torch.eye(P, dtype=torch.bool, device=device)  # pad rows: self
-    dtype = model.get_input_embeddings().weight.dtype
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    mask = additive_mask(causal_padding_allowed(batch.attention_mask[::group, :P].bool()),
+                         model.get_input_embeddings().weight.dtype)  # (U, 1, P, P)
     first = model(input_ids=batch.input_ids[::group, :P], attention_mask=mask,
                   position_ids=batch.position_ids[::group, :P], use_cache=True, logits_to_keep=1)
     cache = getattr(first, "cache", None) or getattr(first, "past_key_values", None)

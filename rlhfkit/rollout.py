@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhfkit.config import GenConfig
-from rlhfkit.data.collate import pad_sequences, position_ids_from_mask
+from rlhfkit.data.collate import additive_mask, causal_padding_allowed, pad_sequences, position_ids_from_mask
 from rlhfkit.errors import UserError
 
 FAST_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
@@ -576,10 +576,7 @@ class FastDecoder:
         distinct, row_of = torch.unique(torch.cat([ids, valid.long()], 1), dim=0, return_inverse=True)
         U = distinct.shape[0]
         u_ids, u_valid = (distinct[:, :P], distinct[:, P:].bool()) if U < B else (ids, valid)
-        causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()
-        # pad query rows attend to themselves only, so no softmax row is empty (their outputs are never read)
-        allowed = (causal & u_valid[:, None, None, :]) | torch.eye(P, dtype=torch.bool, device=self.device)
-        prefill_mask = torch.zeros(U, 1, P, P, dtype=self.dtype, device=self.device).masked_fill(~allowed, neg)
+        prefill_mask = additive_mask(causal_padding_allowed(u_valid), self.dtype)  # (U, 1, P, P)
 
         choices, memo = self.decode_threads(B), None
         if len(choices) > 1:  # a recent call of this shape chose already: use it, re-time every few calls

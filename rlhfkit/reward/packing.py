@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from rlhfkit.data.collate import pad_sequences
+from rlhfkit.data.collate import additive_mask, pad_sequences, pair_segments_allowed
 from rlhfkit.heads import scalar_outputs, sequence_scores
 
 
@@ -54,12 +54,7 @@ def pack_pairs(pairs: list[tuple[list[int], list[int]]], pad_id: int, dtype: tor
     ids, _ = pad_sequences(rows, pad_id, side="right")  # (n, L)
     seg, _ = pad_sequences(segments, 0, side="right")  # (n, L), 0 = pad
     pos, _ = pad_sequences(positions, 0, side="right")
-    L = ids.shape[1]
-    query, key = seg.unsqueeze(2), seg.unsqueeze(1)  # (n, L, 1), (n, 1, L)
-    allowed = torch.ones(L, L, dtype=torch.bool).tril() & (key > 0) & ~((query == 3) & (key == 2))  # (n, L, L)
-    allowed |= torch.eye(L, dtype=torch.bool)  # pad rows attend to themselves: no all-masked softmax rows
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-    return PackedPairs(ids, mask, pos, torch.tensor(ends))
+    return PackedPairs(ids, additive_mask(pair_segments_allowed(seg), dtype), pos, torch.tensor(ends))
 
 
 def packed_scores(model: Any, batch: PackedPairs) -> torch.Tensor:

@@ -66,17 +66,20 @@ def chrf(prompts: list[Any], completions: list[Any], reference: list | None = No
          references: list | None = None) -> list[float]:
     """Sentence chrF (0-100) of each completion against its reference(s).
     chrf(["p"], ["le chat"], reference=["le chat"]) -> [100.0]; an empty completion scores 0."""
-    refs = references_for(len(completions), reference, references, "rlhfkit.rewards.mt:chrf")
-    metric = _metric("chrf")
-    return [float(metric.sentence_score(_text(c), r).score) for c, r in zip(completions, refs)]
+    return _chrf(completions, reference, references, beta=2, name="chrf")
 
 
 def chrf1(prompts: list[Any], completions: list[Any], reference: list | None = None,
           references: list | None = None) -> list[float]:
     """Sentence chrF with beta = 1: precision and recall weigh the same (chrF's default beta = 2 weighs recall
     4x, which a policy can game by writing longer translations)."""
-    refs = references_for(len(completions), reference, references, "rlhfkit.rewards.mt:chrf1")
-    metric = _metric("chrf", beta=1)
+    return _chrf(completions, reference, references, beta=1, name="chrf1")
+
+
+def _chrf(completions: list[Any], reference: list | None, references: list | None, beta: int, name: str
+          ) -> list[float]:
+    refs = references_for(len(completions), reference, references, f"rlhfkit.rewards.mt:{name}")
+    metric = _metric("chrf", beta=beta)
     return [float(metric.sentence_score(_text(c), r).score) for c, r in zip(completions, refs)]
 
 

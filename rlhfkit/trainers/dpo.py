@@ -36,7 +36,7 @@ from rlhfkit.config import OptimConfig, PolicyModelConfig, RunConfig
 from rlhfkit.core.logprobs import gather_logprobs, masked_sum
 from rlhfkit.core.losses import dpo_loss
 from rlhfkit.data import load_preferences
-from rlhfkit.data.collate import pad_sequences, position_ids_from_mask
+from rlhfkit.data.collate import additive_mask, pad_sequences, pair_segments_allowed, position_ids_from_mask
 from rlhfkit.errors import UserError, exact_div
 from rlhfkit.reward.data import split_pairs  # the same held-out pairs as `rlhfkit rm train`
 from rlhfkit.trainers.sft import _load_weights, sample_order, save_final
@@ -196,14 +196,11 @@ def make_batch(items: list[tuple[list, list, list]], pad_id: int, packed: bool, 
     start = L - P - C - R  # (n, 1) first real column
     segment = (col >= start).long() + (col >= L - R - C).long() + (col >= L - R).long()  # 0 pad 1 prompt 2 ch 3 rej
     position_ids = torch.where(segment == 3, col - start - C, col - start).clamp(min=0)  # (n, L)
-    query, key = segment.unsqueeze(2), segment.unsqueeze(1)  # (n, L, 1), (n, 1, L)
-    allowed = torch.ones(L, L, dtype=torch.bool).tril() & (key > 0) & ~((query == 3) & (key == 2))  # (n, L, L)
-    allowed |= torch.eye(L, dtype=torch.bool)  # pad rows attend to themselves: no all-masked softmax rows
     K = int((C + R).max())
     k = torch.arange(K).unsqueeze(0)  # (1, K)
     first = torch.cat([K - R - C, torch.tensor([r[0] for _, _, r in items]).unsqueeze(1)], dim=1)  # (n, 2)
-    return PairBatch(ids, allowed.unsqueeze(1), position_ids, (k >= K - R - C) & (k < K - R), k > K - R, first,
-                     lengths).to(device)
+    return PairBatch(ids, pair_segments_allowed(segment), position_ids, (k >= K - R - C) & (k < K - R), k > K - R,
+                     first, lengths).to(device)
 
 
 def _keeps_logits(model) -> bool:
@@ -221,8 +218,7 @@ def pair_logps(model, batch: PairBatch, average: bool) -> tuple[torch.Tensor, to
     ids, attn, pos, chosen_mask, rejected_mask, first, lengths = batch
     K = chosen_mask.shape[1]
     if attn.dim() == 4:  # additive float mask: works for the eager and sdpa attention of transformers
-        dtype = model.get_input_embeddings().weight.dtype
-        attn = torch.zeros(attn.shape, dtype=dtype, device=attn.device).masked_fill_(~attn, torch.finfo(dtype).min)
+        attn = additive_mask(attn, model.get_input_embeddings().weight.dtype)
     kwargs = {"logits_to_keep": K + 1} if _keeps_logits(model) else {}
     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, **kwargs).logits
     logits = logits[:, -(K + 1):-1]  # (rows, K, V): column L-K-1+k predicts target column L-K+k
