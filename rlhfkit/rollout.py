@@ -380,6 +380,13 @@ def _gpt2_layers(inner: Any, rows: int) -> list[_Layer]:
 # ----------------------------------------------------------------------------------------------------------------
 # Fast backend: decode loop
 
+def _softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim, computed in float32 for bf16/fp16 scores (as HF attention does)."""
+    if scores.dtype == torch.float32:
+        return torch.softmax(scores, -1)
+    return torch.softmax(scores, -1, dtype=torch.float32).to(scores.dtype)
+
+
 DECODE_ONE_THREAD_FLOPS = 2 ** 27
 """Decode steps whose weight products take fewer FLOPs than this (2 x batch x weights; 2^27 ~ 134M) may run on one
 intra-op thread: a `generate` call times its first DECODE_TUNE_STEPS steps alternately on one thread and on
@@ -399,7 +406,8 @@ class FastDecoder:
 
     Built once per `sample()` call: fused projections and LoRA merges are computed then, so it always decodes with
     the current weights. `generate(prompts, gen, eos, pad)` -> (completions, finished, logprobs).
-    The prompt goes once through `_prefill` (SDPA with a causal + padding mask); each new token through `_step`,
+    The prompt goes once through `_prefill` (causal + padding mask; SDPA, or batched products for
+    grouped-query heads); each new token through `_step`,
     on (B, H) rows. Weight folding done at build time, so no decode step pays for it:
       - q, k, rotate_half(q), rotate_half(k), v come out of one matrix product (`_rotate_rows`), so RoPE is
         q·cos + q_rot·sin (two elementwise ops) with cos/sin rows gathered once per generate call;
@@ -479,16 +487,26 @@ class FastDecoder:
             h = h + F.embedding(pos, self.wpe).flatten(0, 1)
         else:
             cos, sin = self.cos[pos].flatten(0, 1).unsqueeze(1), self.sin[pos].flatten(0, 1).unsqueeze(1)
-        for ly, (k_w, _, v_w, _) in zip(self.layers, caches):
+        G = Hq // Hkv
+        if G > 1:  # the mask for grouped rows (below), built once for all layers: (B*Hkv, G*P, P)
+            grouped_mask = mask[:, :, None].expand(B, Hkv, G, P, P).reshape(B * Hkv, G * P, P)
+        for ly, (k_w, keys, v_w, values) in zip(self.layers, caches):
             q, k, v, q_rot, k_rot = self._split(ly.qkv(self._norm(h, ly.norm1)))
             if q_rot is not None:  # q·cos + rotate_half(q)·sin (HF apply_rotary_pos_emb)
                 q, k = torch.addcmul(q * cos, q_rot, sin), torch.addcmul(k * cos, k_rot, sin)
             k_w[..., :P] = k.unflatten(0, (B, P)).permute(0, 2, 3, 1)  # (B, Hkv, D, P)
             v_w[:, :, :P] = v.unflatten(0, (B, P)).transpose(1, 2)  # (B, Hkv, P, D)
-            a = F.scaled_dot_product_attention(
-                q.unflatten(0, (B, P)).transpose(1, 2), k_w[..., :P].transpose(-1, -2), v_w[:, :, :P],
-                attn_mask=mask, scale=1.0, enable_gqa=Hq != Hkv)  # (B, Hq, P, D); q carries the scale
-            h = ly.o.add(a.transpose(1, 2).reshape(B * P, Hq * D), h)
+            if G == 1:
+                a = F.scaled_dot_product_attention(
+                    q.unflatten(0, (B, P)).transpose(1, 2), k_w[..., :P].transpose(-1, -2), v_w[:, :, :P],
+                    attn_mask=mask, scale=1.0)  # (B, Hq, P, D); q carries the scale
+                a = a.transpose(1, 2)
+            else:  # grouped-query attention: SDPA would take its slow math path and copy k/v G times; here the
+                # G query heads of a kv head are one (G*P, D) matrix against that head's cached keys and values
+                qg = q.view(B, P, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B * Hkv, G * P, D)
+                probs = _softmax(torch.baddbmm(grouped_mask, qg, keys.narrow(2, 0, P)))
+                a = torch.bmm(probs, values.narrow(1, 0, P)).view(B, Hkv, G, P, D).permute(0, 3, 1, 2, 4)
+            h = ly.o.add(a.reshape(B * P, Hq * D), h)
             h = self._mlp_block(ly, h)
         return self.lm_head(self._norm(h.view(B, P, -1)[:, -1], self.norm_f))  # (B, V)
 
@@ -514,9 +532,7 @@ class FastDecoder:
                 k_w.select(3, t).copy_(k)
             v_w.select(2, t).copy_(v)
             scores = torch.baddbmm(mask, q.reshape(B * Hkv, Hq // Hkv, D), keys.narrow(2, 0, t + 1))
-            probs = torch.softmax(scores, -1) if scores.dtype == torch.float32 else \
-                torch.softmax(scores, -1, dtype=torch.float32).to(scores.dtype)  # bf16/fp16: softmax in fp32
-            a = torch.bmm(probs, values.narrow(1, 0, t + 1))  # (B*Hkv, G, D)
+            a = torch.bmm(_softmax(scores), values.narrow(1, 0, t + 1))  # (B*Hkv, G, D)
             h = ly.o.add(a.view(B, Hq * D), h)
             h = self._mlp_block(ly, h)
         return self.lm_head(self._norm(h, self.norm_f))  # (B, V)

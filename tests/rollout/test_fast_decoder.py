@@ -322,3 +322,21 @@ def test_gpt2_large_enough_to_prepack_equals_hf_and_thread_count_does_not_change
         rollout_module.DECODE_ONE_THREAD_FLOPS = old
         torch.set_num_threads(n)
     assert one.completion_ids == mixed.completion_ids == two.completion_ids
+
+
+@pytest.mark.parametrize("kind", ["stories", "llama-gqa", "gpt2"])
+def test_half_precision_decoder_scores_like_the_training_forward(stories, kind):
+    """bf16 weights: the decoder runs (attention softmax in fp32, as HF does) and its sampling log-probs agree
+    with the bf16 training forward to bf16 rounding (measured: mean 0.003-0.03, max 0.01-0.18 nats)."""
+    import copy
+
+    model = copy.deepcopy(stories if kind == "stories" else tiny_model(kind)).to(torch.bfloat16)
+    prompts = random_prompts(6, 300, seed=11, lo=1, hi=25)
+    s = sample(model, TOK, prompts, GenConfig(max_new_tokens=16, temperature=1.0, backend="fast"), seed=0)
+    batch = R.make_rollout_batch(s.prompt_ids, s.completion_ids, s.logprobs, pad_id=0, eos_id=2,
+                                 prompts=[""] * 6, completions=[""] * 6)
+    with torch.no_grad():
+        lp, _ = R.forward_logprobs(model, batch, 1.0)
+    diff = (lp.float() - batch.rollout_logprobs).abs()[batch.completion_mask.bool()]
+    assert torch.isfinite(batch.rollout_logprobs).all()
+    assert diff.mean() < 0.05 and diff.max() < 0.5, (diff.mean(), diff.max())
