@@ -54,8 +54,10 @@ from rlhfkit.vllm_rollout import make_sampler
 class GRPOTrainConfig:
     steps: int = 60
     """Updates; each samples one rollout batch and trains on it."""
-    rollout_batch_size: int = 64
-    """Completions sampled per update (B), num_generations per prompt: B / G prompts per update."""
+    rollout_batch_size: int = 0
+    """Completions sampled per update (B), num_generations per prompt: B / G prompts per update. 0 (auto): the
+    multiple of lcm(num_generations, num_minibatches x micro_batch_size) nearest to 64 (64 for G = 2, 4, 8, 16;
+    48 for G = 3, 6; 80 for G = 5), so any G works without other changes. A value given must be a multiple of G."""
     num_generations: int = 8
     """G: completions per prompt; a prompt's G completions form the group of its baseline (>= 2 for grpo, rloo)."""
     num_minibatches: int = 1
@@ -119,7 +121,11 @@ class GRPOConfig:
         if self.advantage != "reinforce_pp" and t.num_generations < 2:
             raise UserError(f"train.num_generations: advantage={self.advantage} needs a group of >= 2 completions "
                             f"per prompt, got {t.num_generations}")
-        exact_div(t.rollout_batch_size, t.num_generations, "train.rollout_batch_size / train.num_generations")
+        if t.rollout_batch_size == 0:
+            t.rollout_batch_size = auto_rollout_batch_size(t.num_generations, t.num_minibatches * t.micro_batch_size)
+        if t.rollout_batch_size % t.num_generations:
+            raise UserError(f"train.rollout_batch_size: {t.rollout_batch_size} is not a multiple of "
+                            f"train.num_generations={t.num_generations} (or leave it at 0 to pick one)")
         minibatch = exact_div(t.rollout_batch_size, t.num_minibatches, "train.rollout_batch_size / num_minibatches")
         exact_div(minibatch, t.micro_batch_size, "minibatch size (rollout_batch_size / num_minibatches) / "
                   "train.micro_batch_size")
@@ -139,6 +145,13 @@ class RLOOConfig(GRPOConfig):
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/rloo", log_every=1))
     advantage: Literal["grpo", "rloo", "reinforce_pp"] = "rloo"
     kl_mode: Literal["loss", "reward"] = "reward"
+
+
+def auto_rollout_batch_size(num_generations: int, rows_per_minibatch_unit: int, target: int = 64) -> int:
+    """train.rollout_batch_size=0: the multiple of lcm(G, num_minibatches x micro_batch_size) nearest to `target`
+    (at least one), so whole groups fill whole micro-batches of every minibatch."""
+    unit = math.lcm(num_generations, rows_per_minibatch_unit)
+    return unit * max(1, round(target / unit))
 
 
 def needs_old_pass(cfg: GRPOConfig) -> bool:

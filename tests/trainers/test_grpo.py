@@ -303,7 +303,8 @@ def test_commands_and_bad_inputs(tmp_path, capsys):
     assert result["step"] == 1 and "model_dir" in result and len(rows(tmp_path / "dr")) == 1
     result = cli.run_command(["rloo", *base, f"run.output_dir={tmp_path / 'rloo'}"])
     assert result["step"] == 1 and "advantage: rloo" in (tmp_path / "rloo" / "config.yaml").read_text()
-    for bad, message in [(["train.rollout_batch_size=6"], "train.rollout_batch_size / train.num_generations"),
+    for bad, message in [(["train.rollout_batch_size=6"], "train.rollout_batch_size: 6 is not a multiple of "
+                                                           "train.num_generations=4"),
                          (["train.num_generations=1"], "needs a group of >= 2"),
                          (["advantage=rloo", "scale_rewards=false"], "only for advantage=grpo"),
                          (["gen.temperature=0"], "needs sampling")]:
@@ -311,3 +312,27 @@ def test_commands_and_bad_inputs(tmp_path, capsys):
         assert code == 2 and len(errors) == 1 and message in errors[0], (bad, errors)
     with pytest.raises(UserError, match="num_generations"):
         tiny_cfg(tmp_path, **{"train.num_generations": "3"})
+
+
+@pytest.mark.parametrize(("G", "minibatches", "micro", "expected"),
+                         [(8, 1, 16, 64), (4, 1, 16, 64), (3, 1, 16, 48), (6, 1, 16, 48), (5, 1, 16, 80),
+                          (7, 1, 16, 112), (3, 2, 4, 72), (64, 1, 16, 64)])
+def test_auto_rollout_batch_size_fits_any_group_size(G, minibatches, micro, expected):
+    """train.rollout_batch_size=0 (the default): whole groups in whole micro-batches of every minibatch, nearest
+    to 64, so `rlhfkit grpo train.num_generations=6` works without other keys."""
+    cfg = load_config(grpo.GRPOConfig, None, {"reward.function": REWARD, "train.num_generations": str(G),
+                                              "train.num_minibatches": str(minibatches),
+                                              "train.micro_batch_size": str(micro)})
+    B = cfg.train.rollout_batch_size
+    assert B == expected
+    assert B % G == 0 and (B // minibatches) % micro == 0
+
+
+def test_auto_batch_runs_with_a_group_of_three(tmp_path):
+    overrides = {k: v for k, v in TINY.items() if k != "train.rollout_batch_size"}
+    cfg = load_config(grpo.GRPOConfig, None, {"reward.function": REWARD, "run.output_dir": str(tmp_path),
+                                              "train.steps": "1", **overrides, "train.num_generations": "3"})
+    assert cfg.train.rollout_batch_size == 66  # lcm(3, 2) = 6, x 11 ~ 64
+    grpo.main(cfg)
+    (row,) = rows(tmp_path)
+    assert row["step"] == 1 and "rollout_batch_size: 66" in (tmp_path / "config.yaml").read_text()
