@@ -171,9 +171,11 @@ def load_prompts(source: Any, name: str | None = None) -> list[PromptExample]:
             prompt = msgs
         elif "chosen" in d and "rejected" in d:
             prompt = _pair_from_record(rec).prompt
+        elif "text" in d or "query" in d:  # a plain-text file's lines; TRL's older PPO datasets call it query
+            prompt = _text(rec, "text" if "text" in d else "query")
         else:
-            raise _missing(rec, "prompt", ("messages",))
-        out.append(PromptExample(prompt, rec.where, _extra(rec, ("prompt", "messages"))))
+            raise _missing(rec, "prompt", ("messages", "text"))
+        out.append(PromptExample(prompt, rec.where, _extra(rec, ("prompt", "messages", "text", "query"))))
     return out
 
 

@@ -1,4 +1,5 @@
-"""Reading records from JSONL (plain or gzipped), JSON arrays, Hugging Face `datasets` objects and lists of dicts.
+"""Reading records from JSONL (plain or gzipped), JSON arrays, plain text (one record per line), CSV/TSV with a
+header row, Hugging Face `datasets` objects and lists of dicts.
 
 Every record comes with `where`, a location such as `prefs.jsonl:12` that error messages name. Bad input
 (malformed JSON, non-UTF-8 bytes, a line that is not an object, an empty file, a huge line) raises a `UserError`.
@@ -6,7 +7,9 @@ Every record comes with `where`, a location such as `prefs.jsonl:12` that error 
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -59,7 +62,8 @@ def _decode(path: Path, lineno: int, raw: bytes) -> str:
 
 
 def read_records(source: Any, name: str | None = None) -> list[Record]:
-    """Load records from a path (.jsonl, .jsonl.gz, .json, .json.gz), a `datasets.Dataset`, or a list of dicts."""
+    """Load records from a path (.jsonl, .json, .txt, .csv, .tsv, each optionally .gz), a `datasets.Dataset`, or a
+    list of dicts. A .txt line becomes {"text": line}; a CSV/TSV row a dict keyed by the header row."""
     if isinstance(source, (str, os.PathLike)):
         return _read_file(resolve_data_path(source))
     label = name or type(source).__name__
@@ -98,6 +102,10 @@ def _read_file(path: Path) -> list[Record]:
     stem = path.name[:-3] if path.name.endswith(".gz") else path.name
     if stem.endswith(".json"):
         return _read_json_array(path)
+    if stem.endswith(".txt"):
+        return _read_text_lines(path)
+    if stem.endswith((".csv", ".tsv")):
+        return _read_table(path, "\t" if stem.endswith(".tsv") else ",")
     records = []
     for lineno, raw in _iter_lines(path):
         text = _decode(path, lineno, raw).strip()
@@ -112,6 +120,40 @@ def _read_file(path: Path) -> list[Record]:
         records.append(Record(f"{path}:{lineno}", obj))
     if not records:
         raise UserError(f"{path}: empty file (no records)")
+    return records
+
+
+def _read_text_lines(path: Path) -> list[Record]:
+    """One record {"text": line} per non-blank line (trailing newline and spaces removed; use JSONL for text
+    that spans lines)."""
+    records = [Record(f"{path}:{lineno}", {"text": text})
+               for lineno, raw in _iter_lines(path) if (text := _decode(path, lineno, raw).rstrip("\r\n ")).strip()]
+    if not records:
+        raise UserError(f"{path}: empty file (no records)")
+    return records
+
+
+def _read_table(path: Path, delimiter: str) -> list[Record]:
+    """CSV/TSV with a header row: one record per row, keyed by the header (values are strings)."""
+    lines = [(lineno, _decode(path, lineno, raw)) for lineno, raw in _iter_lines(path)]
+    reader = csv.reader(io.StringIO("".join(text for _, text in lines)), delimiter=delimiter)
+    try:
+        rows = list(reader)
+    except csv.Error as err:
+        raise UserError(f"{path}:{reader.line_num}: malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({err})"
+                        ) from None
+    if not rows or not any(h.strip() for h in rows[0]):
+        raise UserError(f"{path}: empty file (no header row)")
+    header = [h.strip() for h in rows[0]]
+    records = []
+    for i, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise UserError(f"{path}:{i}: {len(row)} columns, the header has {len(header)}")
+        records.append(Record(f"{path}:{i}", dict(zip(header, row))))
+    if not records:
+        raise UserError(f"{path}: no records after the header row")
     return records
 
 

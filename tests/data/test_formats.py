@@ -100,6 +100,40 @@ def test_gzip_and_json_array_and_dataset(tmp_path):
     assert load_preferences(ds).pairs[0].chosen == "c"
 
 
+def test_text_csv_and_tsv_files(tmp_path):
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("Once upon a time\n\n  The cat sat  \r\nA \"quoted\" line\n")
+    assert [p.prompt for p in load_prompts(txt)] == ["Once upon a time", "  The cat sat", 'A "quoted" line']
+    assert load_prompts(txt)[1].where.endswith("prompts.txt:3")
+    assert [e.completion for e in load_sft(txt)][0] == "Once upon a time"  # a .txt line is {"text": line}
+    with gzip.open(tmp_path / "p.txt.gz", "wt", encoding="utf-8") as fh:
+        fh.write("zipped line\n")
+    assert load_prompts(tmp_path / "p.txt.gz")[0].prompt == "zipped line"
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_text('prompt,reference\n"Hello, world",ref one\n\n"two\nlines",r2\n')
+    prompts = load_prompts(csv_path)
+    assert [p.prompt for p in prompts] == ["Hello, world", "two\nlines"]
+    assert prompts[0].extra == {"reference": "ref one"}
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("prompt\tchosen\trejected\nQ:\t yes\t no\n")
+    assert load_preferences(tsv).pairs[0].rejected == " no"
+    (tmp_path / "q.jsonl").write_text(json.dumps({"query": "TRL's old name"}) + "\n")
+    assert load_prompts(tmp_path / "q.jsonl")[0].prompt == "TRL's old name"
+    for name, content, message in [("e.txt", "\n  \n", "e.txt: empty file"),
+                                   ("short.csv", "prompt,ref\na,b\nc\n", "short.csv:3: 1 columns, the header has 2"),
+                                   ("h.csv", "prompt\n", "h.csv: no records after the header row"),
+                                   ("none.csv", "text\nx\n", None)]:
+        (tmp_path / name).write_text(content)
+        if message is None:
+            assert load_prompts(tmp_path / name)[0].prompt == "x"
+            continue
+        with pytest.raises(UserError, match=message):
+            load_prompts(tmp_path / name)
+    (tmp_path / "other.csv").write_text("question\nx\n")
+    with pytest.raises(UserError, match="other.csv:2: missing field 'prompt'"):
+        load_prompts(tmp_path / "other.csv")
+
+
 def test_bundled_paths():
     assert len(load_prompts("bundled:tinystories_eval_prompts.jsonl")) == 200
     with pytest.raises(UserError, match="no such bundled file"):
