@@ -1,4 +1,6 @@
 """Loading user Python functions named on the command line: `module.sub:function` or `path/to/file.py:function`.
+A module is looked up on sys.path, then in the current folder; a file's own folder goes on sys.path, so either can
+import its neighbours.
 
 Reward functions, simulated-annotator preferences and gold scores all use the same signature:
     fn(prompts: list[str], completions: list[str], **columns) -> list[float]
@@ -26,6 +28,7 @@ def load_function(spec: str, what: str = "reward.function") -> Callable:
         path = Path(target)
         if not path.is_file():
             raise UserError(f"{what}: file {target!r} not found")
+        _on_path(path.resolve().parent)  # as `python file.py` does: the file may import modules beside it
         mod_name = f"rlhfkit_user_{abs(hash(str(path.resolve())))}"
         spec_obj = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(spec_obj)
@@ -36,13 +39,28 @@ def load_function(spec: str, what: str = "reward.function") -> Callable:
             raise UserError(f"{what}: importing {target} failed: {type(err).__name__}: {err}") from None
     else:
         try:
-            module = importlib.import_module(target)
+            try:
+                module = importlib.import_module(target)
+            except ModuleNotFoundError as err:
+                if err.name != target.split(".")[0] or not _on_path(Path.cwd()):
+                    raise
+                module = importlib.import_module(target)  # a module in the current folder, as `python -m` finds
         except ImportError as err:
             raise UserError(f"{what}: cannot import module {target!r} ({err})") from None
     fn = getattr(module, name, None)
     if fn is None or not callable(fn):
         raise UserError(f"{what}: {target!r} has no function {name!r}")
     return fn
+
+
+def _on_path(folder: Path) -> bool:
+    """Put folder on sys.path (first, as Python does for a script's folder); False if it was there already."""
+    entries = {Path(p or ".").resolve() for p in sys.path}
+    if folder.resolve() in entries:
+        return False
+    sys.path.insert(0, str(folder))
+    importlib.invalidate_caches()
+    return True
 
 
 def call_scorer(fn: Callable, prompts: list[Any], completions: list[str], columns: dict[str, list] | None = None,
