@@ -93,7 +93,7 @@ def load_scorer(cfg: RewardConfig, device: torch.device | str | None = None) -> 
         from rlhfkit.reward import load_reward_model
     except ImportError as err:
         raise UserError(f"reward.model: the reward-model package is unavailable ({err})") from None
-    return ModelScorer(load_reward_model(cfg.model, None if device is None else str(device)),
+    return ModelScorer(load_reward_model(cfg.model, None if device is None else str(device), key="reward.model"),
                        f"reward.model {cfg.model}")
 
 

@@ -49,3 +49,12 @@ def test_bad_scores_are_user_errors():
                          ([1.0, float("nan")], "non-finite score"), (None, "list of numbers")]:
         with pytest.raises(UserError, match=message):
             call_scorer(lambda p, c: out, ["a", "b"], ["x", "y"])
+
+
+def test_reward_model_errors_name_the_key_that_gave_the_folder(tmp_path):
+    from rlhfkit.scoring import RewardConfig, load_scorer
+
+    with pytest.raises(UserError, match=f"^reward.model: {tmp_path / 'nope'} not found"):
+        load_scorer(RewardConfig(model=str(tmp_path / "nope")))
+    with pytest.raises(UserError, match=f"^reward.model: {tmp_path} is not a reward model folder"):
+        load_scorer(RewardConfig(model=str(tmp_path)))

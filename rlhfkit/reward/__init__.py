@@ -24,23 +24,26 @@ from rlhfkit.reward.metrics import pairwise_metrics
 META_FILE = "reward_model.json"
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """The folder holding reward_model.json: `path` itself or `path/model` (a training run folder)."""
+def resolve_model_dir(path: str | Path, key: str = "model.path") -> Path:
+    """The folder holding reward_model.json: `path` itself or `path/model` (a training run folder). key: the
+    config key that named it, for error messages."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"model.path: {p} not found")
+        raise UserError(f"{key}: {p} not found")
     for candidate in (p, p / "model"):
         if (candidate / META_FILE).is_file():
             return candidate
-    raise UserError(f"model.path: {p} is not a reward model folder (no {META_FILE}; train one with `rlhfkit rm "
+    raise UserError(f"{key}: {p} is not a reward model folder (no {META_FILE}; train one with `rlhfkit rm "
                     "train`)")
 
 
-def load_reward_model(path: str | Path, device: str | None = None, cache: bool = False) -> Any:
+def load_reward_model(path: str | Path, device: str | None = None, cache: bool = False,
+                      key: str = "model.path") -> Any:
     """Load a linear or deep reward model from its folder. `.score(prompts, completions) -> list[float]`, `.kind`.
 
-    device: cpu, cuda, ... (None = auto). cache: reuse/store features in the on-disk feature cache (linear)."""
-    folder = resolve_model_dir(path)
+    device: cpu, cuda, ... (None = auto). cache: reuse/store features in the on-disk feature cache (linear).
+    key: the config key that named the folder (reward.model, judge.model, ...), for error messages."""
+    folder = resolve_model_dir(path, key)
     try:
         meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -137,7 +137,7 @@ def load_value_model(cfg: PPOConfig, device: torch.device, tokenizer) -> torch.n
         return load_scalar_model(cfg.model, device, init="zero")
     from rlhfkit.reward import load_reward_model
 
-    rm = load_reward_model(cfg.reward.model, str(device))
+    rm = load_reward_model(cfg.reward.model, str(device), key="reward.model")
     backbone, rm_tok = getattr(rm, "model", None), getattr(rm, "tokenizer", None)
     if backbone is None or rm_tok is None or rm_tok.get_vocab() != tokenizer.get_vocab():
         raise UserError("value_model=reward: needs a deep reward model sharing the policy's tokenizer")
