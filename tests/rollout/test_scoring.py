@@ -59,7 +59,7 @@ def test_missing_reward_file_and_config_rules(tmp_path):
 
 
 def test_reward_model_path_uses_load_reward_model(monkeypatch):
-    """reward.model goes through rlhfkit.reward.load_reward_model(path, device) and its .score(); a tiny
+    """reward.model goes through rlhfkit.reward.load_reward_model(path, device, key) and its .score(); a tiny
     stand-in replaces the real package here."""
     calls = {}
 
@@ -67,14 +67,14 @@ def test_reward_model_path_uses_load_reward_model(monkeypatch):
         def score(self, prompts, completions):
             return [float(len(c)) for c in completions] if calls["ok"] else [1.0]
 
-    def load_reward_model(path, device=None):
-        calls["args"] = (path, device)
+    def load_reward_model(path, device=None, key="model.path"):
+        calls["args"] = (path, device, key)
         return StandIn()
 
     monkeypatch.setitem(sys.modules, "rlhfkit.reward", types.SimpleNamespace(load_reward_model=load_reward_model))
     calls["ok"] = True
     scorer = S.load_scorer(S.RewardConfig(model="runs/rm"), "cpu")
-    assert calls["args"] == ("runs/rm", "cpu")
+    assert calls["args"] == ("runs/rm", "cpu", "reward.model")  # errors name reward.model
     assert scorer.score([[{"role": "user", "content": "hi"}], "p"], ["ab", "abcd"]) == [2.0, 4.0]
     calls["ok"] = False
     with pytest.raises(UserError, match="reward.model runs/rm: returned 1 scores for 2"):

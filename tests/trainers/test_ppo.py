@@ -182,7 +182,7 @@ def test_value_model_on_the_reward_model_backbone(tmp_path, monkeypatch):
             return [float(len(c.split())) for c in completions]
 
     monkeypatch.setitem(sys.modules, "rlhfkit.reward",
-                        types.SimpleNamespace(load_reward_model=lambda path, device=None: StandIn()))
+                        types.SimpleNamespace(load_reward_model=lambda path, device=None, key="": StandIn()))
     cfg = tiny_cfg(tmp_path, **{"reward.function": "", "reward.model": "rm-dir", "value_model": "reward",
                                 "train.steps": "1"})
     value = ppo.load_value_model(cfg, torch.device("cpu"), StandIn.tokenizer)
