@@ -174,7 +174,7 @@ def load_prompts(source: Any, name: str | None = None) -> list[PromptExample]:
         elif "text" in d or "query" in d:  # a plain-text file's lines; TRL's older PPO datasets call it query
             prompt = _text(rec, "text" if "text" in d else "query")
         else:
-            raise _missing(rec, "prompt", ("messages", "text"))
+            raise _missing(rec, "prompt", ("messages", "text", "query"))
         out.append(PromptExample(prompt, rec.where, _extra(rec, ("prompt", "messages", "text", "query"))))
     return out
 

@@ -134,24 +134,26 @@ def _read_text_lines(path: Path) -> list[Record]:
 
 
 def _read_table(path: Path, delimiter: str) -> list[Record]:
-    """CSV/TSV with a header row: one record per row, keyed by the header (values are strings)."""
-    lines = [(lineno, _decode(path, lineno, raw)) for lineno, raw in _iter_lines(path)]
-    reader = csv.reader(io.StringIO("".join(text for _, text in lines)), delimiter=delimiter)
+    """CSV/TSV with a header row: one record per row, keyed by the header (values are strings). A record's line is
+    the last physical line of its row (quoted fields may span lines)."""
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    reader = csv.reader(io.StringIO("".join(_decode(path, n, raw) for n, raw in _iter_lines(path))),
+                        delimiter=delimiter)
+    header, records = None, []
     try:
-        rows = list(reader)
+        for row in reader:
+            if header is None:
+                header = [h.strip() for h in row]
+                if not any(header):
+                    break
+            elif any(cell.strip() for cell in row):
+                if len(row) != len(header):
+                    raise UserError(f"{path}:{reader.line_num}: {len(row)} columns, the header has {len(header)}")
+                records.append(Record(f"{path}:{reader.line_num}", dict(zip(header, row))))
     except csv.Error as err:
-        raise UserError(f"{path}:{reader.line_num}: malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({err})"
-                        ) from None
-    if not rows or not any(h.strip() for h in rows[0]):
+        raise UserError(f"{path}:{reader.line_num}: malformed {kind} ({err})") from None
+    if not header or not any(header):
         raise UserError(f"{path}: empty file (no header row)")
-    header = [h.strip() for h in rows[0]]
-    records = []
-    for i, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) != len(header):
-            raise UserError(f"{path}:{i}: {len(row)} columns, the header has {len(header)}")
-        records.append(Record(f"{path}:{i}", dict(zip(header, row))))
     if not records:
         raise UserError(f"{path}: no records after the header row")
     return records

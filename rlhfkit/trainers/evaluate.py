@@ -254,15 +254,15 @@ def make_judges(cfg: EvalConfig, device) -> dict[str, Any]:
     if cfg.judge.function:
         judges["function"] = S.FunctionScorer(cfg.judge.function)
     if cfg.judge.model:
-        judges["reward_model"] = S.ModelScorer(_load_rm(cfg.judge.model, device, cfg.batch_size, "judge.model"),
+        judges["reward_model"] = S.ModelScorer(_load_rm(cfg.judge.model, device, cfg.batch_size),
                                                f"judge.model {cfg.judge.model}")
     return judges
 
 
-def _load_rm(path: str, device, batch_size: int, key: str = "model.path") -> Any:
+def _load_rm(path: str, device, batch_size: int) -> Any:
     from rlhfkit.reward import load_reward_model
 
-    rm = load_reward_model(path, str(device), key=key)
+    rm = load_reward_model(path, str(device), key="judge.model")
     rm.batch_size = batch_size
     return rm
 
