@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhfkit.config import GenConfig
+from rlhfkit.core import gather_logprobs
 from rlhfkit.data.collate import additive_mask, causal_padding_allowed, pad_sequences, position_ids_from_mask
 from rlhfkit.errors import UserError
 
@@ -387,6 +388,12 @@ def _softmax(scores: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores, -1, dtype=torch.float32).to(scores.dtype)
 
 
+GROUPED_SCORES_MAX = 2 ** 20
+"""Largest attention score tensor (entries, B x query heads x n x S) a multi-token pass of a grouped-query model
+computes as explicit batched products (FastDecoder._forward); above it, SDPA on k/v repeated per query head, whose
+fused kernel keeps memory linear in the length (measured at stories260k's shapes: the explicit products are
+~2x faster up to ~2^19 entries, then page faults of the fresh score buffers make them slower, bench/README.md)."""
+
 DECODE_ONE_THREAD_FLOPS = 2 ** 27
 """Decode steps whose weight products take fewer FLOPs than this (2 x batch x weights; 2^27 ~ 134M) may run on one
 intra-op thread: a `generate` call times its first DECODE_TUNE_STEPS steps alternately on one thread and on
@@ -406,8 +413,8 @@ class FastDecoder:
 
     Built once per `sample()` call: fused projections and LoRA merges are computed then, so it always decodes with
     the current weights. `generate(prompts, gen, eos, pad)` -> (completions, finished, logprobs).
-    The prompt goes once through `_prefill` (causal + padding mask; SDPA, or batched products for
-    grouped-query heads); each new token through `_step`,
+    The prompt goes once through `_prefill` (`_forward`: causal + padding mask; SDPA, or batched products for
+    small grouped-query passes); each new token through `_step`,
     on (B, H) rows. Weight folding done at build time, so no decode step pays for it:
       - q, k, rotate_half(q), rotate_half(k), v come out of one matrix product (`_rotate_rows`), so RoPE is
         q·cos + q_rot·sin (two elementwise ops) with cos/sin rows gathered once per generate call;
@@ -415,6 +422,8 @@ class FastDecoder:
         projection's columns;
       - weights are prepacked for oneDNN (`_Proj`); bias, activation and residual adds are fused into the products.
     A GPT-2 step is 4 + 16 per layer tensor ops plus sampling (HF generate: about 4x as many, plus module calls).
+    `completion_logprobs` / `forward_logits` run whole rows through the same multi-token `_forward` without
+    sampling: the no-gradient scoring of a frozen model (the RL trainers' reference, `rlhfkit.rl.frozen_decoder`).
     """
 
     def __init__(self, model: Any, batch: int = 8):
@@ -480,35 +489,46 @@ class FastDecoder:
     def _prefill(self, ids: torch.Tensor, pos: torch.Tensor, caches: list, mask: torch.Tensor) -> torch.Tensor:
         """The whole left-padded prompt ids (B, P) at positions pos; fills the caches' first P slots; returns the
         last position's logits (B, V). mask: additive (B, 1, P, P)."""
-        B, P = ids.shape
+        return self.lm_head(self._forward(ids, pos, caches, mask)[:, -1])  # (B, V)
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, caches: list, mask: torch.Tensor, start: int = 0
+                 ) -> torch.Tensor:
+        """Tokens ids (B, n) at positions pos (B, n), written to cache slots [start, start + n) and attending to
+        slots [0, start + n) under the additive mask (B, 1, n, start + n). Returns the final-normed hidden states
+        (B, n, H), the LM head's input."""
+        B, n = ids.shape
+        S = start + n  # cache slots read
         Hq, Hkv, D = self.n_heads, self.n_kv, self.head_dim
-        h = F.embedding(ids, self.embed).flatten(0, 1)  # (B*P, H)
+        h = F.embedding(ids, self.embed).flatten(0, 1)  # (B*n, H)
         if self.wpe is not None:
             h = h + F.embedding(pos, self.wpe).flatten(0, 1)
         else:
             cos, sin = self.cos[pos].flatten(0, 1).unsqueeze(1), self.sin[pos].flatten(0, 1).unsqueeze(1)
         G = Hq // Hkv
-        if G > 1:  # the mask for grouped rows (below), built once for all layers: (B*Hkv, G*P, P)
-            grouped_mask = mask[:, :, None].expand(B, Hkv, G, P, P).reshape(B * Hkv, G * P, P)
+        grouped = G > 1 and B * Hq * n * S <= GROUPED_SCORES_MAX
+        if grouped:  # the mask for grouped rows (below), built once for all layers: (B*Hkv, G*n, S)
+            grouped_mask = mask[:, :, None].expand(B, Hkv, G, n, S).reshape(B * Hkv, G * n, S)
         for ly, (k_w, keys, v_w, values) in zip(self.layers, caches):
             q, k, v, q_rot, k_rot = self._split(ly.qkv(self._norm(h, ly.norm1)))
             if q_rot is not None:  # q·cos + rotate_half(q)·sin (HF apply_rotary_pos_emb)
                 q, k = torch.addcmul(q * cos, q_rot, sin), torch.addcmul(k * cos, k_rot, sin)
-            k_w[..., :P] = k.unflatten(0, (B, P)).permute(0, 2, 3, 1)  # (B, Hkv, D, P)
-            v_w[:, :, :P] = v.unflatten(0, (B, P)).transpose(1, 2)  # (B, Hkv, P, D)
-            if G == 1:
-                a = F.scaled_dot_product_attention(
-                    q.unflatten(0, (B, P)).transpose(1, 2), k_w[..., :P].transpose(-1, -2), v_w[:, :, :P],
-                    attn_mask=mask, scale=1.0)  # (B, Hq, P, D); q carries the scale
+            k_w[..., start:S] = k.unflatten(0, (B, n)).permute(0, 2, 3, 1)  # (B, Hkv, D, n)
+            v_w[:, :, start:S] = v.unflatten(0, (B, n)).transpose(1, 2)  # (B, Hkv, n, D)
+            if grouped:  # grouped-query attention: SDPA with enable_gqa would take its slow math path; here the
+                # G query heads of a kv head are one (G*n, D) matrix against that head's cached keys and values
+                qg = q.view(B, n, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B * Hkv, G * n, D)
+                probs = _softmax(torch.baddbmm(grouped_mask, qg, keys.narrow(2, 0, S)))
+                a = torch.bmm(probs, values.narrow(1, 0, S)).view(B, Hkv, G, n, D).permute(0, 3, 1, 2, 4)
+            else:  # SDPA's fused kernel, which never holds the (n, S) scores of a head at once
+                k_a, v_a = k_w[..., :S].transpose(-1, -2), v_w[:, :, :S]  # (B, Hkv, S, D)
+                if G > 1:  # kv head j serves query heads j*G .. j*G+G-1 (HF repeat_kv order)
+                    k_a, v_a = k_a.repeat_interleave(G, 1), v_a.repeat_interleave(G, 1)
+                a = F.scaled_dot_product_attention(q.unflatten(0, (B, n)).transpose(1, 2), k_a, v_a, attn_mask=mask,
+                                                   scale=1.0)  # (B, Hq, n, D); q carries the scale
                 a = a.transpose(1, 2)
-            else:  # grouped-query attention: SDPA would take its slow math path and copy k/v G times; here the
-                # G query heads of a kv head are one (G*P, D) matrix against that head's cached keys and values
-                qg = q.view(B, P, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B * Hkv, G * P, D)
-                probs = _softmax(torch.baddbmm(grouped_mask, qg, keys.narrow(2, 0, P)))
-                a = torch.bmm(probs, values.narrow(1, 0, P)).view(B, Hkv, G, P, D).permute(0, 3, 1, 2, 4)
-            h = ly.o.add(a.reshape(B * P, Hq * D), h)
+            h = ly.o.add(a.reshape(B * n, Hq * D), h)
             h = self._mlp_block(ly, h)
-        return self.lm_head(self._norm(h.view(B, P, -1)[:, -1], self.norm_f))  # (B, V)
+        return self._norm(h.view(B, n, -1), self.norm_f)
 
     def _step(self, tok: torch.Tensor, t: int, caches: list, mask: torch.Tensor, cos: torch.Tensor,
               sin: torch.Tensor | None) -> torch.Tensor:
@@ -536,6 +556,65 @@ class FastDecoder:
             h = ly.o.add(a.view(B, Hq * D), h)
             h = self._mlp_block(ly, h)
         return self.lm_head(self._norm(h, self.norm_f))  # (B, V)
+
+    def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                       keep: int) -> torch.Tensor:
+        """Logits (B, keep, V) of the last `keep` positions of rows input_ids (B, L), without gradient: the HF call
+        model(input_ids, attention_mask, position_ids, logits_to_keep=keep).logits on this decoder's folded weights
+        (equal to float rounding at every position a real token sits). attention_mask: (B, L) 1 on real tokens
+        (causal over them), or (B, 1, L, L) bool, True where a query may attend a key (packed pair rows).
+        An inference-mode tensor: clone it before autograd reads it."""
+        with torch.inference_mode():
+            ids, pos = input_ids.to(self.device), position_ids.to(self.device)
+            allowed = attention_mask.to(self.device).bool()
+            if allowed.dim() == 2:
+                allowed = causal_padding_allowed(allowed)
+            B, L = ids.shape
+            self._set_rope(int(pos.max()) + 1)
+            h = self._forward(ids, pos, self._caches(B, L), additive_mask(allowed, self.dtype))[:, L - keep:]
+            return self.lm_head(h.reshape(B * keep, -1)).view(B, keep, -1)
+
+    def completion_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                            prompt_width: int, completion_ids: torch.Tensor, temperature: float, group: int = 0
+                            ) -> torch.Tensor:
+        """Log-probs (B, T) float32 of completion_ids under softmax(logits / temperature), for rows [prompt
+        left-padded to P = prompt_width; completion (B, T)] with their attention mask and position ids: the numbers
+        of `rlhfkit.rl.forward_logprobs` (to float rounding), without gradient, on this decoder's folded weights.
+        The RL trainers score their frozen reference with it (`rlhfkit.rl.frozen_decoder`).
+
+        group > 1: consecutive runs of `group` rows share one prompt (GRPO/RLOO), which runs once: its first P - 1
+        columns fill a cache copied to the run's rows; then every row runs its last prompt token and completion on
+        top of it (the layout of rl.shared_prompt_logprobs)."""
+        B, L = input_ids.shape
+        P, T = prompt_width, L - prompt_width
+        if T == 0:
+            return torch.zeros(B, 0, device=self.device)
+        if group <= 1 or P < 2:
+            logits = self.forward_logits(input_ids, attention_mask, position_ids, T + 1)[:, :T]
+            return gather_logprobs(logits, completion_ids.to(self.device), temperature).clone()
+        with torch.inference_mode():
+            ids, pos = input_ids.to(self.device), position_ids.to(self.device)
+            valid = attention_mask.to(self.device).bool()
+            self._set_rope(int(pos.max()) + 1)
+            caches, first = self._caches(B, L), self._caches(B // group, P - 1)
+            self._forward(ids[::group, :P - 1], pos[::group, :P - 1], first,
+                          additive_mask(causal_padding_allowed(valid[::group, :P - 1]), self.dtype))
+            rows = torch.arange(B, device=self.device) // group
+            for (k_w, _, v_w, _), (k_u, _, v_u, _) in zip(caches, first):
+                k_w[..., :P - 1] = k_u[rows]
+                v_w[:, :, :P - 1] = v_u[rows]
+            allowed = causal_padding_allowed(valid)[:, :, P - 1:]  # queries P-1 .. L-1 over all L keys
+            h = self._forward(ids[:, P - 1:], pos[:, P - 1:], caches, additive_mask(allowed, self.dtype),
+                              start=P - 1)[:, :T]  # (B, T, H): position P-1+t predicts token t
+            logits = self.lm_head(h.reshape(B * T, -1)).view(B, T, -1)
+            lp = gather_logprobs(logits, completion_ids.to(self.device), temperature)
+        return lp.clone()  # a normal tensor (autograd may read it), not an inference-mode one
+
+    def _set_rope(self, positions: int) -> None:
+        """Llama: the cos/sin rows of positions 0 .. positions-1 (self.cos, self.sin), from the model's rotary module."""
+        if self.wpe is None:
+            cos, sin = self.rotary(self.embed[:1], torch.arange(positions, device=self.device)[None])
+            self.cos, self.sin = cos[0], sin[0]
 
     def _caches(self, rows: int, slots: int) -> list[tuple]:
         """Per layer: keys (write view (rows, Hkv, D, slots), read view (rows*Hkv, D, slots)), values (write view
@@ -577,9 +656,8 @@ class FastDecoder:
             raise UserError(f"sampling: prompt + gen.max_new_tokens exceeds the model's {self.max_positions} "
                             "positions")
         steps_pos = (lengths.unsqueeze(1) + torch.arange(T, device=self.device)).t()  # (T, B)
+        self._set_rope(total)  # (P+T, D) cos/sin rows (Llama)
         if self.wpe is None:
-            cos, sin = self.rotary(self.embed[:1], torch.arange(total, device=self.device)[None])
-            self.cos, self.sin = cos[0], sin[0]  # (P+T, D)
             step_cos, step_sin = self.cos[steps_pos].unsqueeze(2), self.sin[steps_pos].unsqueeze(2)  # (T, B, 1, D)
         else:
             step_cos, step_sin = F.embedding(steps_pos, self.wpe), None  # (T, B, H) position embeddings

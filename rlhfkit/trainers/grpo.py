@@ -268,7 +268,8 @@ def main(cfg: GRPOConfig, argv: list[str] | None = None) -> dict:
         # 2. reference log-probs (and old ones when needed) of the share, no gradient; then the global batch
         rows = list(range(len(batch)))
         with world.autocast():  # the launcher's mixed precision, as in the training forward
-            ref_logprobs = torch.cat([R.reference_logprobs(policy, ref_model, batch.select(i), temperature, share)
+            ref_logprobs = torch.cat([R.reference_logprobs(policy, ref_model, batch.select(i), temperature, share,
+                                                           fast=cfg.gen.backend != "hf")
                                       for i in R.micro_batches(rows, t.micro_batch_size)])
             old = (R.score_rollout_forward(policy, batch, temperature, t.micro_batch_size, True, share) if old_pass
                    else ())

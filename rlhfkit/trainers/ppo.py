@@ -228,7 +228,8 @@ def main(cfg: PPOConfig, argv: list[str] | None = None) -> dict:
         # 2. old log-probs, reference log-probs, values (same forward as training, no gradient)
         with world.autocast():  # the launcher's mixed precision, as in the training forward
             old_logprobs, entropy = R.score_rollout_forward(policy, batch, temperature, t.micro_batch_size, True)
-            ref_logprobs = torch.cat([R.reference_logprobs(policy, ref_model, batch.select(i), temperature)
+            ref_logprobs = torch.cat([R.reference_logprobs(policy, ref_model, batch.select(i), temperature,
+                                                           fast=cfg.gen.backend != "hf")
                                       for i in R.micro_batches(range(len(batch)), t.micro_batch_size)])
             old_values = R.values_forward(value_model, batch, t.micro_batch_size)
         # every rank now holds the global rollout: score normalisation and whitening over it (PITFALLS 8)

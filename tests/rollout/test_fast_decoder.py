@@ -7,6 +7,7 @@ Llama (GQA), Qwen2 (q/k/v biases) and GPT-2 models, and stories260k with a LoRA 
 
 from __future__ import annotations
 
+import copy
 import random
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ import torch
 
 from rlhfkit import models as M
 from rlhfkit import rl as R
+from rlhfkit import rollout
 from rlhfkit.config import GenConfig, ModelConfig
 from rlhfkit.errors import UserError
 from rlhfkit.rollout import FastDecoder, resolve_backend, sample
@@ -340,3 +342,44 @@ def test_half_precision_decoder_scores_like_the_training_forward(stories, kind):
     diff = (lp.float() - batch.rollout_logprobs).abs()[batch.completion_mask.bool()]
     assert torch.isfinite(batch.rollout_logprobs).all()
     assert diff.mean() < 0.05 and diff.max() < 0.5, (diff.mean(), diff.max())
+
+
+@pytest.mark.parametrize("kind", ["stories", "llama-gqa", "qwen2-bias", "gpt2"])
+@pytest.mark.parametrize("attention", ["grouped", "sdpa"])
+def test_frozen_reference_scores_like_the_modules(stories, kind, attention, monkeypatch):
+    """The trainers' frozen reference is scored on the decoder's folded weights (rl.frozen_decoder): the log-probs
+    equal the HF modules' forward (rl.forward_logprobs) on left-padded rows with completions of different lengths
+    (EOS, pads after it), at temperature 0.7, one-pass and with each prompt shared by a run of 3 rows; the
+    decoder is built once and rebuilt when a weight changes in place. Grouped-query models run both attention
+    paths of FastDecoder._forward (explicit grouped products for small score tensors, SDPA on repeated k/v)."""
+    if attention == "sdpa":
+        monkeypatch.setattr(rollout, "GROUPED_SCORES_MAX", 0)
+        if kind != "gpt2":  # the prefill takes the same path: greedy decoding still equals HF generate's
+            assert_same_greedy(stories if kind == "stories" else tiny_model(kind), random_prompts(4, 300, seed=9))
+    model = stories if kind == "stories" else tiny_model(kind)
+    ref = copy.deepcopy(model).requires_grad_(False)
+    vocab = ref.get_output_embeddings().weight.shape[0]
+    distinct = random_prompts(3, vocab, seed=5, lo=1, hi=12)
+    prompts = [p for p in distinct for _ in range(3)]  # GRPO layout: runs of 3
+    rng = random.Random(3)
+    completions = [[rng.randrange(3, vocab) for _ in range(rng.randrange(1, 9))] + [2] * rng.randrange(2)
+                   for _ in prompts]
+    batch = R.make_rollout_batch(prompts, completions, None, pad_id=0, eos_id=2, prompts=[""] * 9,
+                                 completions=[""] * 9)
+    mask = batch.completion_mask.bool()
+    with torch.no_grad():
+        expected, _ = R.forward_logprobs(ref, batch, 0.7)
+    engine = R.frozen_decoder(ref)
+    assert engine is not None and R.frozen_decoder(ref) is engine  # built once
+    for group in (0, 3):
+        got = R.reference_logprobs(None, ref, batch, 0.7, group=group)
+        assert not got.is_inference()
+        assert (got - expected).abs()[mask].max() < 2e-5, (group, (got - expected).abs()[mask].max())
+    with torch.no_grad():
+        ref.get_output_embeddings().weight.mul_(0.5)  # an in-place change: the decoder is rebuilt
+        expected, _ = R.forward_logprobs(ref, batch, 0.7)
+    assert R.frozen_decoder(ref) is not engine
+    assert (R.reference_logprobs(None, ref, batch, 0.7) - expected).abs()[mask].max() < 2e-5
+    # modules instead: gen.backend=hf, or a model with trainable weights
+    assert torch.equal(R.reference_logprobs(None, ref, batch, 0.7, fast=False), expected)
+    assert R.frozen_decoder(model if kind != "stories" else copy.deepcopy(model).requires_grad_(True)) is None

@@ -70,8 +70,9 @@ def test_metrics_every_update_with_exact_first_ratio(tiny_run):
         assert r["policy/ratio_first_min"] == 1.0 and r["policy/ratio_first_max"] == 1.0
         assert r["rollout/logprob_diff_max"] < 1e-4  # the sampler's own log-probs agree too
         assert 0 <= r["objective/score"] <= 1 and r["time/rollout"] + r["time/update"] <= 1
-    assert lines[0]["objective/kl"] == 0.0  # policy == reference before any update
-    assert lines[1]["objective/kl"] != 0.0
+    # policy == reference before any update (the frozen reference runs through rl.frozen_decoder: float rounding)
+    assert abs(lines[0]["objective/kl"]) < 1e-4
+    assert abs(lines[1]["objective/kl"]) > 1e-3
     assert result["step"] == 2 and (out / "config.yaml").is_file() and (out / "command.txt").is_file()
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {1, 2} and set(samples[0]) == {"step", "prompt", "completion", "score", "kl"}

@@ -28,11 +28,13 @@ def rows(out: Path) -> list[dict]:
 
 def test_constant_reward_gives_zero_gradient(tmp_path):
     """Every completion scores 1: the leave-one-out baseline is 1, advantages 0; with policy == reference the KL
-    penalty is 0 too, so the first update has an exactly zero gradient (REINFORCE without a baseline would not)."""
+    penalty is 0 too, so the first update has an exactly zero gradient (REINFORCE without a baseline would not).
+    gen.backend=hf: the reference then runs through the same module forward as the policy, so its log-probs are
+    bit-identical (the default scores a frozen reference with rl.frozen_decoder, equal only to float rounding)."""
     const = tmp_path / "const.py"
     const.write_text("def one(prompts, completions):\n    return [1.0] * len(completions)\n")
     cfg = load_config(grpo.RLOOConfig, None, {"reward.function": f"{const}:one", "run.output_dir": str(tmp_path),
-                                              **TINY})
+                                              **TINY, "gen.backend": "hf"})
     grpo.main(cfg, [])
     first, second = rows(tmp_path)
     assert first["grad_norm"] == 0.0 and first["advantages/abs_mean"] == 0.0 and first["objective/kl"] == 0.0
