@@ -489,13 +489,13 @@ class FastDecoder:
     def _prefill(self, ids: torch.Tensor, pos: torch.Tensor, caches: list, mask: torch.Tensor) -> torch.Tensor:
         """The whole left-padded prompt ids (B, P) at positions pos; fills the caches' first P slots; returns the
         last position's logits (B, V). mask: additive (B, 1, P, P)."""
-        return self.lm_head(self._forward(ids, pos, caches, mask)[:, -1])  # (B, V)
+        return self.lm_head(self._norm(self._forward(ids, pos, caches, mask)[:, -1], self.norm_f))  # (B, V)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, caches: list, mask: torch.Tensor, start: int = 0
                  ) -> torch.Tensor:
         """Tokens ids (B, n) at positions pos (B, n), written to cache slots [start, start + n) and attending to
-        slots [0, start + n) under the additive mask (B, 1, n, start + n). Returns the final-normed hidden states
-        (B, n, H), the LM head's input."""
+        slots [0, start + n) under the additive mask (B, 1, n, start + n). Returns the last block's hidden states
+        (B, n, H); the LM head takes them after `self._norm(h, self.norm_f)` (only the rows a caller reads)."""
         B, n = ids.shape
         S = start + n  # cache slots read
         Hq, Hkv, D = self.n_heads, self.n_kv, self.head_dim
@@ -528,7 +528,7 @@ class FastDecoder:
                 a = a.transpose(1, 2)
             h = ly.o.add(a.reshape(B * n, Hq * D), h)
             h = self._mlp_block(ly, h)
-        return self._norm(h.view(B, n, -1), self.norm_f)
+        return h.view(B, n, -1)
 
     def _step(self, tok: torch.Tensor, t: int, caches: list, mask: torch.Tensor, cos: torch.Tensor,
               sin: torch.Tensor | None) -> torch.Tensor:
@@ -572,7 +572,7 @@ class FastDecoder:
             B, L = ids.shape
             self._set_rope(int(pos.max()) + 1)
             h = self._forward(ids, pos, self._caches(B, L), additive_mask(allowed, self.dtype))[:, L - keep:]
-            return self.lm_head(h.reshape(B * keep, -1)).view(B, keep, -1)
+            return self.lm_head(self._norm(h.reshape(B * keep, -1), self.norm_f)).view(B, keep, -1)
 
     def completion_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                             prompt_width: int, completion_ids: torch.Tensor, temperature: float, group: int = 0
@@ -606,7 +606,7 @@ class FastDecoder:
             allowed = causal_padding_allowed(valid)[:, :, P - 1:]  # queries P-1 .. L-1 over all L keys
             h = self._forward(ids[:, P - 1:], pos[:, P - 1:], caches, additive_mask(allowed, self.dtype),
                               start=P - 1)[:, :T]  # (B, T, H): position P-1+t predicts token t
-            logits = self.lm_head(h.reshape(B * T, -1)).view(B, T, -1)
+            logits = self.lm_head(self._norm(h.reshape(B * T, -1), self.norm_f)).view(B, T, -1)
             lp = gather_logprobs(logits, completion_ids.to(self.device), temperature)
         return lp.clone()  # a normal tensor (autograd may read it), not an inference-mode one
 
