@@ -14,7 +14,9 @@ Prompts: TinyStories text cut to 16-32 tokens (seeded), left-padded; exactly --n
 Timing: each backend runs --warmup times, then A B A B ... --reps times each; the medians are reported, as
 tokens per wall-clock second and, less sensitive to other jobs on a shared machine, as the ratio of CPU seconds.
 A = HF `model.generate(...)` called directly (the baseline a user would write); B = `rlhfkit.rollout.sample` with
-gen.backend=fast, end to end (padding, decoder set-up, sampling log-probs, conversion to lists).
+gen.backend=fast, end to end (padding, decoder set-up, sampling log-probs, conversion to lists); C = the same with
+reuse=True, which builds the decoder (folded, prepacked weights) once and keeps it while the weights do not change,
+as a generation loop on fixed weights can (an RL update changes the weights, so the trainers rebuild: B is their case).
 """
 
 from __future__ import annotations
@@ -118,7 +120,8 @@ def bench_model(name: str, model, tok, args) -> dict:
     gen = GenConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, temperature=1.0,
                     batch_size=args.batch, backend="fast")
     runs = {"hf": lambda: hf_generate(model, tok, prompts, args.new_tokens),
-            "fast": lambda: sample(model, tok, prompts, gen, seed=args.seed)}
+            "fast": lambda: sample(model, tok, prompts, gen, seed=args.seed),
+            "reuse": lambda: sample(model, tok, prompts, gen, seed=args.seed, reuse=True)}
     with torch.inference_mode():
         for _ in range(args.warmup):
             for fn in runs.values():
@@ -134,13 +137,14 @@ def bench_model(name: str, model, tok, args) -> dict:
     tokens = args.batch * args.new_tokens
     res = {k: tokens / statistics.median(v) for k, v in wall.items()}
     res["ratio"] = res["fast"] / res["hf"]
+    res["ratio_reuse"] = res["reuse"] / res["hf"]
     # CPU seconds of this process (all its threads): less sensitive than wall time to other jobs on the machine
     res["cpu_ratio"] = statistics.median(cpu["hf"]) / statistics.median(cpu["fast"])
     lengths = [len(p) for p in prompts]
     res["floor_ms_per_step"] = weight_floor_ms(model, args)
     print(f"{name:<12} prompts {min(lengths)}-{max(lengths)} tok | HF generate {res['hf']:8.0f} tok/s | "
-          f"fast {res['fast']:8.0f} tok/s | ratio {res['ratio']:.2f}x (wall) {res['cpu_ratio']:.2f}x (CPU time)  "
-          f"[medians of {args.reps}]", flush=True)
+          f"fast {res['fast']:8.0f} tok/s | ratio {res['ratio']:.2f}x (wall) {res['cpu_ratio']:.2f}x (CPU time) | "
+          f"reused decoder {res['reuse']:8.0f} tok/s, {res['ratio_reuse']:.2f}x  [medians of {args.reps}]", flush=True)
     hf_ms, fast_ms = (tokens / res[k] / args.new_tokens * 1e3 for k in ("hf", "fast"))
     floor = res["floor_ms_per_step"]
     print(f"{'':<12} per step: HF {hf_ms:.2f} ms, fast {fast_ms:.2f} ms; weight-matmul floor {floor:.2f} ms "

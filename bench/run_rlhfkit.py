@@ -105,7 +105,7 @@ def _rollout(w: Workload, steps: int, threads: int, stamp: Callable[[], None]) -
     gen = GenConfig(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, temperature=1.0, batch_size=BATCH,
                     backend="fast")
     for i in range(steps):
-        s = sample(model, tok, prompts, gen, seed=i)
+        s = sample(model, tok, prompts, gen, seed=i, reuse=True)  # fixed weights: the decoder is built once
         stamp()
     assert all(len(c) == NEW_TOKENS for c in s.completion_ids)
     return {"prompt_tokens": [len(p) for p in prompts]}

@@ -383,3 +383,66 @@ def test_frozen_reference_scores_like_the_modules(stories, kind, attention, monk
     # modules instead: gen.backend=hf, or a model with trainable weights
     assert torch.equal(R.reference_logprobs(None, ref, batch, 0.7, fast=False), expected)
     assert R.frozen_decoder(model if kind != "stories" else copy.deepcopy(model).requires_grad_(True)) is None
+
+
+def test_sample_reuses_the_decoder_until_a_weight_changes(monkeypatch):
+    """Repeated sample() calls on unchanged weights decode with the kept FastDecoder (no rebuild) and sample exactly
+    what a fresh one samples; an optimizer step (the trainers' fused AdamW), load_state_dict and reuse=False each
+    give a decoder built from the current weights."""
+    from rlhfkit.config import OptimConfig
+    from rlhfkit.train_utils import make_optimizer
+
+    model = tiny_model("gpt2")
+    builds = []
+    init = FastDecoder.__init__
+    monkeypatch.setattr(FastDecoder, "__init__", lambda self, *a, **k: (builds.append(1), init(self, *a, **k))[1])
+    prompts = random_prompts(4, 300, seed=3)
+    gen = GenConfig(max_new_tokens=12, temperature=1.0, batch_size=4, backend="fast")
+
+    def fresh(seed):
+        return sample(model, TOK, prompts, gen, seed=seed).completion_ids  # reuse=False, the default
+
+    first = sample(model, TOK, prompts, gen, seed=5, reuse=True)
+    assert len(builds) == 1
+    again = sample(model, TOK, prompts, gen, seed=5, reuse=True)
+    assert len(builds) == 1 and again.completion_ids == first.completion_ids == fresh(5)
+    assert len(builds) == 2  # reuse=False builds and keeps nothing
+    sample(model, TOK, prompts, gen, seed=6, reuse=True)
+    assert len(builds) == 2
+    # the kept KV buffers serve calls of other shapes: longer prompts, repeated prompts (prefilled once), shorter
+    longer, repeated = random_prompts(4, 300, seed=4, lo=20, hi=30), [prompts[0]] * 2 + [prompts[1]] * 2
+    for other in (longer, repeated, prompts):
+        kept = sample(model, TOK, other, gen, seed=7, reuse=True)
+        assert kept.completion_ids == sample(model, TOK, other, gen, seed=7).completion_ids
+        assert kept.logprobs == sample(model, TOK, other, gen, seed=7).logprobs
+    assert model in rollout._DECODERS
+
+    opt = make_optimizer(model.parameters(), OptimConfig(lr=0.5, weight_decay=0.0))
+    versions = [p._version for p in model.parameters()]
+    model.train()
+    out = model(torch.tensor(prompts[0])[None], labels=torch.tensor(prompts[0])[None])
+    out.loss.backward()
+    opt.step()
+    model.eval()
+    assert [p._version for p in model.parameters()] == versions  # the fused step leaves the version counters alone
+    n = len(builds)
+    stepped = sample(model, TOK, prompts, gen, seed=5, reuse=True)
+    assert len(builds) == n + 1  # rebuilt after the step
+    assert stepped.completion_ids == fresh(5) and stepped.completion_ids != first.completion_ids
+
+    state = copy.deepcopy(tiny_model("gpt2").state_dict())
+    model.load_state_dict(state)
+    n = len(builds)
+    assert sample(model, TOK, prompts, gen, seed=5, reuse=True).completion_ids == first.completion_ids
+    assert len(builds) == n + 1
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # an in-place op on one tensor
+    assert sample(model, TOK, prompts, gen, seed=5, reuse=True).completion_ids == fresh(5) != first.completion_ids
+    assert len(builds) == n + 3
+
+
+def test_sample_does_not_reuse_the_decoder_of_a_lora_model(stories):
+    model = M.apply_lora(copy.deepcopy(stories), ModelConfig(lora_r=4))
+    gen = GenConfig(max_new_tokens=4, temperature=0.0, batch_size=2, backend="fast")
+    sample(model, TOK, random_prompts(2, 512), gen, reuse=True)
+    assert model not in rollout._DECODERS
