@@ -209,7 +209,14 @@ def kl_loss_term(
     per-token gradient is (log π_θ - log π_ref) ∇log π_θ). Plain k3 has a biased gradient (trl#4967);
     the ratio is the fix of trl PR#4638; estimator="k3_plus" is veRL's alternative.
     The caller multiplies by β. Stats: kl = mean per-token estimate (unweighted).
+    Masked positions count as ref = old = logprobs (KL 0, zero gradient): whatever sits there (pads scored by two
+    different models, or left at 0) can reach exp() overflow in k3, and torch.where's zero gradient times an
+    infinite one is NaN.
     """
+    keep = mask.bool()
+    ref_logprobs = torch.where(keep, ref_logprobs, logprobs.detach())
+    if old_logprobs is not None:
+        old_logprobs = torch.where(keep, old_logprobs, logprobs.detach())
     kl = kl_estimate(estimator, logprobs=logprobs, ref_logprobs=ref_logprobs)  # (B, T)
     weighted = kl if old_logprobs is None else torch.exp(logprobs - old_logprobs) * kl
     loss = aggregate(weighted, mask, aggregation, normalizer)

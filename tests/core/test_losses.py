@@ -242,6 +242,30 @@ def test_kl_loss_term_gradients_by_hand():
     assert lp.grad.item() == pytest.approx(LN2)
 
 
+def test_kl_loss_term_ignores_whatever_sits_at_masked_positions():
+    # pads: the policy scores -200, the reference 0 (exp(200) overflows float32 in k3); the loss and its gradient
+    # must equal those with benign pad values, and the pad gradient must be exactly 0, not NaN
+    lp_real = torch.tensor([[-1.0, -2.0, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    for estimator in ("k3", "k3_plus"):
+        for old in (None, "old"):
+            grads = []
+            for pad_lp, pad_ref in ((-200.0, 0.0), (-3.0, -3.0)):
+                lp = lp_real.clone()
+                lp[0, 2:] = pad_lp
+                r = ref.clone()
+                r[0, 2:] = pad_ref
+                lp.requires_grad_(True)
+                loss, stats = kl_loss_term(logprobs=lp, ref_logprobs=r, mask=mask, estimator=estimator,
+                                           old_logprobs=r if old else None)
+                loss.backward()
+                assert torch.isfinite(loss) and torch.isfinite(lp.grad).all() and torch.isfinite(stats["kl"])
+                assert torch.equal(lp.grad[0, 2:], torch.zeros(2))
+                grads.append((loss.item(), lp.grad[0, :2].clone()))
+            assert grads[0][0] == pytest.approx(grads[1][0]) and torch.allclose(grads[0][1], grads[1][1])
+
+
 def test_kl_loss_term_expected_gradient_is_true_kl_gradient():
     # Exact expectation over a 4-token vocabulary, no sampling: E_{y~π_old}[∇ term(y)] with π_old = π_θ
     # (on-policy, ρ = 1) must equal ∇ KL(π_θ || π_ref) = ∇ Σ_y π_θ(y) (log π_θ(y) - log π_ref(y)).
