@@ -441,6 +441,11 @@ computes as explicit batched products (FastDecoder._forward); above it, SDPA on 
 fused kernel keeps memory linear in the length (measured at stories260k's shapes: the explicit products are
 ~2x faster up to ~2^19 entries, then page faults of the fresh score buffers make them slower, bench/README.md)."""
 
+PACK_PADDING_MIN = 0.1
+"""Share of padding positions from which a multi-token pass (FastDecoder._forward) runs its row-wise work on the
+real tokens only (left-padded prompts of uneven length, completions that ended early); below it the scatter and
+gather around attention cost more than the padding rows."""
+
 DECODE_ONE_THREAD_FLOPS = 2 ** 27
 """Decode steps whose weight products take fewer FLOPs than this (2 x batch x weights; 2^27 ~ 134M) may run on one
 intra-op thread: a `generate` call times its first DECODE_TUNE_STEPS steps alternately on one thread and on
@@ -535,22 +540,33 @@ class FastDecoder:
             x = ly.fc_in(x, ly.post, ly.act)
         return ly.fc_out.add(x, h)
 
-    def _prefill(self, ids: torch.Tensor, pos: torch.Tensor, caches: list, mask: torch.Tensor) -> torch.Tensor:
+    def _prefill(self, ids: torch.Tensor, pos: torch.Tensor, caches: list, mask: torch.Tensor,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
         """The whole left-padded prompt ids (B, P) at positions pos; fills the caches' first P slots; returns the
-        last position's logits (B, V). mask: additive (B, 1, P, P)."""
-        return self.lm_head(self._norm(self._forward(ids, pos, caches, mask)[:, -1], self.norm_f))  # (B, V)
+        last position's logits (B, V). mask: additive (B, 1, P, P); valid: (B, P) bool, real tokens (packing)."""
+        h = self._forward(ids, pos, caches, mask, valid=valid)[:, -1]
+        return self.lm_head(self._norm(h, self.norm_f))  # (B, V)
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, caches: list, mask: torch.Tensor, start: int = 0
-                 ) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, caches: list, mask: torch.Tensor, start: int = 0,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens ids (B, n) at positions pos (B, n), written to cache slots [start, start + n) and attending to
         slots [0, start + n) under the additive mask (B, 1, n, start + n). Returns the last block's hidden states
-        (B, n, H); the LM head takes them after `self._norm(h, self.norm_f)` (only the rows a caller reads)."""
+        (B, n, H); the LM head takes them after `self._norm(h, self.norm_f)` (only the rows a caller reads).
+
+        valid (B, n) bool, the real tokens: when padding fills at least PACK_PADDING_MIN of the rows, the
+        row-wise work (embeddings, norms, projections, MLP) runs on the real tokens only, packed; attention
+        scatters them back to the (B, n) layout (padding keys and values zero, which the mask hides anyway).
+        The returned hidden states of padding positions are then zero, not the model's (meaningless) values."""
         B, n = ids.shape
         S = start + n  # cache slots read
         Hq, Hkv, D = self.n_heads, self.n_kv, self.head_dim
-        h = F.embedding(ids, self.embed).flatten(0, 1)  # (B*n, H)
+        rows = self._packed_rows(valid)  # (N,) the real tokens' flat (B*n) indices, or None: no packing
+        flat_ids, flat_pos = ids.flatten(), pos.flatten()
+        if rows is not None:
+            flat_ids, flat_pos = flat_ids[rows], flat_pos[rows]
+        h = F.embedding(flat_ids, self.embed)  # (N, H), N = B*n unpacked
         if self.wpe is not None:
-            h = h + F.embedding(pos, self.wpe).flatten(0, 1)
+            h = h + F.embedding(flat_pos, self.wpe)
         else:
             cos, sin = self.cos[pos].flatten(0, 1).unsqueeze(1), self.sin[pos].flatten(0, 1).unsqueeze(1)
         G = Hq // Hkv
@@ -558,7 +574,10 @@ class FastDecoder:
         if grouped:  # the mask for grouped rows (below), built once for all layers: (B*Hkv, G*n, S)
             grouped_mask = mask[:, :, None].expand(B, Hkv, G, n, S).reshape(B * Hkv, G * n, S)
         for ly, (k_w, keys, v_w, values) in zip(self.layers, caches):
-            q, k, v, q_rot, k_rot = self._split(ly.qkv(self._norm(h, ly.norm1)))
+            qkv = ly.qkv(self._norm(h, ly.norm1))
+            if rows is not None:  # back to the (B*n) layout for attention; padding rows stay zero
+                qkv = qkv.new_zeros(B * n, qkv.shape[1]).index_copy_(0, rows, qkv)
+            q, k, v, q_rot, k_rot = self._split(qkv)
             if q_rot is not None:  # q·cos + rotate_half(q)·sin (HF apply_rotary_pos_emb)
                 q, k = torch.addcmul(q * cos, q_rot, sin), torch.addcmul(k * cos, k_rot, sin)
             k_w[..., start:S] = k.unflatten(0, (B, n)).permute(0, 2, 3, 1)  # (B, Hkv, D, n)
@@ -575,9 +594,20 @@ class FastDecoder:
                 a = F.scaled_dot_product_attention(q.unflatten(0, (B, n)).transpose(1, 2), k_a, v_a, attn_mask=mask,
                                                    scale=1.0)  # (B, Hq, n, D); q carries the scale
                 a = a.transpose(1, 2)
-            h = ly.o.add(a.reshape(B * n, Hq * D), h)
+            a = a.reshape(B * n, Hq * D)
+            h = ly.o.add(a if rows is None else a[rows], h)
             h = self._mlp_block(ly, h)
+        if rows is not None:
+            h = h.new_zeros(B * n, h.shape[1]).index_copy_(0, rows, h)
         return h.view(B, n, -1)
+
+    @staticmethod
+    def _packed_rows(valid: torch.Tensor | None) -> torch.Tensor | None:
+        """Flat indices of valid's True entries when padding fills at least PACK_PADDING_MIN of it, else None."""
+        real = 0 if valid is None else int(valid.sum())
+        if real == 0 or real > (1.0 - PACK_PADDING_MIN) * valid.numel():
+            return None
+        return valid.flatten().nonzero().squeeze(1)
 
     def _step(self, tok: torch.Tensor, t: int, caches: list, mask: torch.Tensor, cos: torch.Tensor,
               sin: torch.Tensor | None) -> torch.Tensor:
@@ -616,11 +646,13 @@ class FastDecoder:
         with torch.inference_mode():
             ids, pos = input_ids.to(self.device), position_ids.to(self.device)
             allowed = attention_mask.to(self.device).bool()
+            valid = allowed if allowed.dim() == 2 else None
             if allowed.dim() == 2:
                 allowed = causal_padding_allowed(allowed)
             B, L = ids.shape
             self._set_rope(int(pos.max()) + 1)
-            h = self._forward(ids, pos, self._caches(B, L), additive_mask(allowed, self.dtype))[:, L - keep:]
+            h = self._forward(ids, pos, self._caches(B, L), additive_mask(allowed, self.dtype),
+                              valid=valid)[:, L - keep:]
             return self.lm_head(self._norm(h.reshape(B * keep, -1), self.norm_f)).view(B, keep, -1)
 
     def completion_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
@@ -638,26 +670,41 @@ class FastDecoder:
         P, T = prompt_width, L - prompt_width
         if T == 0:
             return torch.zeros(B, 0, device=self.device)
-        if group <= 1 or P < 2:
-            logits = self.forward_logits(input_ids, attention_mask, position_ids, T + 1)[:, :T]
-            return gather_logprobs(logits, completion_ids.to(self.device), temperature).clone()
         with torch.inference_mode():
             ids, pos = input_ids.to(self.device), position_ids.to(self.device)
             valid = attention_mask.to(self.device).bool()
             self._set_rope(int(pos.max()) + 1)
-            caches, first = self._caches(B, L), self._caches(B // group, P - 1)
-            self._forward(ids[::group, :P - 1], pos[::group, :P - 1], first,
-                          additive_mask(causal_padding_allowed(valid[::group, :P - 1]), self.dtype))
-            rows = torch.arange(B, device=self.device) // group
-            for (k_w, _, v_w, _), (k_u, _, v_u, _) in zip(caches, first):
-                k_w[..., :P - 1] = k_u[rows]
-                v_w[:, :, :P - 1] = v_u[rows]
-            allowed = causal_padding_allowed(valid)[:, :, P - 1:]  # queries P-1 .. L-1 over all L keys
-            h = self._forward(ids[:, P - 1:], pos[:, P - 1:], caches, additive_mask(allowed, self.dtype),
-                              start=P - 1)[:, :T]  # (B, T, H): position P-1+t predicts token t
-            logits = self.lm_head(self._norm(h.reshape(B * T, -1), self.norm_f)).view(B, T, -1)
-            lp = gather_logprobs(logits, completion_ids.to(self.device), temperature)
+            if group <= 1 or P < 2:
+                allowed = additive_mask(causal_padding_allowed(valid), self.dtype)
+                h = self._forward(ids, pos, self._caches(B, L), allowed, valid=valid)[:, P - 1: L - 1]
+            else:
+                caches, first = self._caches(B, L), self._caches(B // group, P - 1)
+                self._forward(ids[::group, :P - 1], pos[::group, :P - 1], first,
+                              additive_mask(causal_padding_allowed(valid[::group, :P - 1]), self.dtype),
+                              valid=valid[::group, :P - 1])
+                rows = torch.arange(B, device=self.device) // group
+                for (k_w, _, v_w, _), (k_u, _, v_u, _) in zip(caches, first):
+                    k_w[..., :P - 1] = k_u[rows]
+                    v_w[:, :, :P - 1] = v_u[rows]
+                allowed = causal_padding_allowed(valid)[:, :, P - 1:]  # queries P-1 .. L-1 over all L keys
+                h = self._forward(ids[:, P - 1:], pos[:, P - 1:], caches, additive_mask(allowed, self.dtype),
+                                  start=P - 1, valid=valid[:, P - 1:])[:, :T]  # position P-1+t predicts token t
+            lp = self._completion_logprobs(h, valid[:, P:], completion_ids, temperature)  # (B, T)
         return lp.clone()  # a normal tensor (autograd may read it), not an inference-mode one
+
+    def _completion_logprobs(self, h: torch.Tensor, real: torch.Tensor, completion_ids: torch.Tensor,
+                             temperature: float) -> torch.Tensor:
+        """(B, T) log-probs of completion_ids from the hidden states h (B, T, H) that predict them; with enough
+        padding (PACK_PADDING_MIN) the LM head runs on the real tokens' rows only and padding positions get 0."""
+        B, T = real.shape
+        labels = completion_ids.to(self.device)
+        rows = self._packed_rows(real)
+        if rows is None:
+            logits = self.lm_head(self._norm(h.reshape(B * T, -1), self.norm_f)).view(B, T, -1)
+            return gather_logprobs(logits, labels, temperature)
+        logits = self.lm_head(self._norm(h.reshape(B * T, -1)[rows], self.norm_f))  # (N, V)
+        lp = gather_logprobs(logits[None], labels.flatten()[rows][None], temperature)[0]
+        return torch.zeros(B * T, dtype=lp.dtype, device=lp.device).index_copy_(0, rows, lp).view(B, T)
 
     def _set_rope(self, positions: int) -> None:
         """Llama: the cos/sin rows of positions 0 .. positions-1 (self.cos, self.sin), from the model's rotary module."""
@@ -743,10 +790,11 @@ class FastDecoder:
         self.tuned_threads = memo[0] if memo else choices[0]
         torch.set_num_threads(self.tuned_threads)  # the prefill runs on the last choice
         if U == B:
-            logits = self._prefill(ids, position_ids_from_mask(valid.long()), caches, prefill_mask)
+            logits = self._prefill(ids, position_ids_from_mask(valid.long()), caches, prefill_mask, valid)
         else:  # distinct rows in sorted order; row_of maps each row to its prompt
             prefilled = self._caches(U, P, keep="prefill")
-            logits = self._prefill(u_ids, position_ids_from_mask(u_valid.long()), prefilled, prefill_mask)[row_of]
+            logits = self._prefill(u_ids, position_ids_from_mask(u_valid.long()), prefilled, prefill_mask,
+                                   u_valid)[row_of]
             for (k_w, _, v_w, _), (k_u, _, v_u, _) in zip(caches, prefilled):
                 k_w[..., :P] = k_u[row_of]
                 v_w[:, :, :P] = v_u[row_of]

@@ -346,12 +346,18 @@ def test_half_precision_decoder_scores_like_the_training_forward(stories, kind):
 
 @pytest.mark.parametrize("kind", ["stories", "llama-gqa", "qwen2-bias", "gpt2"])
 @pytest.mark.parametrize("attention", ["grouped", "sdpa"])
-def test_frozen_reference_scores_like_the_modules(stories, kind, attention, monkeypatch):
+@pytest.mark.parametrize("packing", ["packed", "padded"])
+def test_frozen_reference_scores_like_the_modules(stories, kind, attention, packing, monkeypatch):
     """The trainers' frozen reference is scored on the decoder's folded weights (rl.frozen_decoder): the log-probs
     equal the HF modules' forward (rl.forward_logprobs) on left-padded rows with completions of different lengths
     (EOS, pads after it), at temperature 0.7, one-pass and with each prompt shared by a run of 3 rows; the
     decoder is built once and rebuilt when a weight changes in place. Grouped-query models run both attention
-    paths of FastDecoder._forward (explicit grouped products for small score tensors, SDPA on repeated k/v)."""
+    paths of FastDecoder._forward (explicit grouped products for small score tensors, SDPA on repeated k/v), and
+    every pass runs with its real tokens packed (PACK_PADDING_MIN 0) and in the padded layout (1.0)."""
+    monkeypatch.setattr(rollout, "PACK_PADDING_MIN", 0.0 if packing == "packed" else 1.0)
+    packed = []
+    rows_of = FastDecoder._packed_rows
+    monkeypatch.setattr(FastDecoder, "_packed_rows", staticmethod(lambda v: packed.append(rows_of(v)) or packed[-1]))
     if attention == "sdpa":
         monkeypatch.setattr(rollout, "GROUPED_SCORES_MAX", 0)
         if kind != "gpt2":  # the prefill takes the same path: greedy decoding still equals HF generate's
@@ -383,6 +389,10 @@ def test_frozen_reference_scores_like_the_modules(stories, kind, attention, monk
     # modules instead: gen.backend=hf, or a model with trainable weights
     assert torch.equal(R.reference_logprobs(None, ref, batch, 0.7, fast=False), expected)
     assert R.frozen_decoder(model if kind != "stories" else copy.deepcopy(model).requires_grad_(True)) is None
+    if packing == "packed":  # every pass had padding, so every pass ran packed
+        assert packed and all(r is not None for r in packed)
+    else:
+        assert packed and all(r is None for r in packed)
 
 
 def test_sample_reuses_the_decoder_until_a_weight_changes(monkeypatch):
