@@ -1,7 +1,8 @@
 """rlhfkit's side of the benchmark suite: each task runs the real trainer (`rlhfkit <stage>`'s `main`) on the workload.
 
 Step boundaries are taken at every optimizer step (rlhfkit.train_utils.clip_and_step, wrapped); with one minibatch
-and one epoch per update that is once per RL update. Rollout: one `rlhfkit.rollout.sample` call per step.
+and one epoch per update that is once per RL update. Rollout: one `rlhfkit.rollout.sample` call per step
+(reuse=True; rollout_rebuild: reuse=False).
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ def run(task: str, w: Workload, out: Path, steps: int, threads: int, stamp: Call
         num_generations: int) -> dict:
     from rlhfkit.config import load_config
 
-    if task == "rollout":
-        return _rollout(w, steps, threads, stamp)
+    if task in ("rollout", "rollout_rebuild"):
+        return _rollout(w, steps, threads, stamp, reuse=task == "rollout")
     if task == "rm":
         from rlhfkit.trainers import rm as stage
 
@@ -89,7 +90,7 @@ def run(task: str, w: Workload, out: Path, steps: int, threads: int, stamp: Call
     return {}
 
 
-def _rollout(w: Workload, steps: int, threads: int, stamp: Callable[[], None]) -> dict:
+def _rollout(w: Workload, steps: int, threads: int, stamp: Callable[[], None], reuse: bool) -> dict:
     import torch
 
     from rlhfkit import models as M
@@ -105,7 +106,7 @@ def _rollout(w: Workload, steps: int, threads: int, stamp: Callable[[], None]) -
     gen = GenConfig(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, temperature=1.0, batch_size=BATCH,
                     backend="fast")
     for i in range(steps):
-        s = sample(model, tok, prompts, gen, seed=i, reuse=True)  # fixed weights: the decoder is built once
+        s = sample(model, tok, prompts, gen, seed=i, reuse=reuse)  # reuse: fixed weights, the decoder built once
         stamp()
     assert all(len(c) == NEW_TOKENS for c in s.completion_ids)
     return {"prompt_tokens": [len(p) for p in prompts]}

@@ -52,7 +52,7 @@ def _tokenizer(w: Workload):
 def run(task: str, w: Workload, out: Path, steps: int, threads: int, stamp: Callable[[], None],
         num_generations: int) -> dict:
     torch.set_num_threads(threads)
-    if task == "rollout":
+    if task in ("rollout", "rollout_rebuild"):
         return _hf_generate(w, steps, stamp)
     if task == "ppo":
         from torch_ppo import run_ppo

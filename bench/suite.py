@@ -11,6 +11,8 @@ Tasks and their pairs (A = rlhfkit, B = the baseline):
     grpo     GRPO, samples/s and generated tokens/s  rlhfkit `grpo`             vs TRL GRPOTrainer
     rloo     RLOO, samples/s and generated tokens/s  rlhfkit `rloo`             vs TRL RLOOTrainer
     rollout  generation alone, tokens/s              rlhfkit.rollout.sample     vs HF model.generate
+             (reuse=True: fixed weights, the decoder is built once, as a generation loop can do)
+    rollout_rebuild  the same with the decoder rebuilt on every call (reuse=False), as the RL trainers do
     ppo      PPO, samples/s and tokens/s             rlhfkit `ppo`              vs a hand-written PyTorch loop
              (bench/torch_ppo.py; TRL 1.16 has no PPOTrainer)
     peak     fp32 matrix-product peak of this CPU (square matmuls, --threads threads), for MFU
@@ -42,11 +44,14 @@ sys.path.insert(0, str(HERE))
 from workload import BATCH, MODELS, NEW_TOKENS  # noqa: E402
 
 PAIRS = {"rm": ("rlhfkit", "trl"), "dpo": ("rlhfkit", "trl"), "grpo": ("rlhfkit", "trl"),
-         "rloo": ("rlhfkit", "trl"), "rollout": ("rlhfkit", "hf"), "ppo": ("rlhfkit", "torch")}
+         "rloo": ("rlhfkit", "trl"), "rollout": ("rlhfkit", "hf"),
+         "rollout_rebuild": ("rlhfkit", "hf"), "ppo": ("rlhfkit", "torch")}
 BASELINE = {"trl": "TRL 1.16", "hf": "HF generate", "torch": "plain PyTorch loop"}
-STEPS = {"rm": (5, 20), "dpo": (5, 20), "grpo": (2, 6), "rloo": (2, 6), "rollout": (3, 10), "ppo": (2, 6)}
+STEPS = {"rm": (5, 20), "dpo": (5, 20), "grpo": (2, 6), "rloo": (2, 6), "rollout": (3, 10),
+         "rollout_rebuild": (3, 10), "ppo": (2, 6)}
 """(warm-up, measured) steps per run."""
 UNIT = {"rm": "pairs/s", "dpo": "pairs/s", "grpo": "samples/s", "rloo": "samples/s", "rollout": "tokens/s",
+        "rollout_rebuild": "tokens/s",
         "ppo": "samples/s"}
 NUM_GENERATIONS = 4
 """GRPO/RLOO group size G: 8 sequences per step = 2 prompts x 4 completions (both libraries)."""
@@ -144,7 +149,7 @@ def summarize(task: str, model: str, runs: dict[str, list[dict]], peak: dict | N
     for side, impl in (("a", a), ("b", b)):
         wall = statistics.median(x for r in runs[impl] for x in r["wall"])
         cpu = statistics.median(x for r in runs[impl] for x in r["cpu"])
-        per_step = BATCH * NEW_TOKENS if task == "rollout" else BATCH
+        per_step = BATCH * NEW_TOKENS if task.startswith("rollout") else BATCH
         row[f"{side}_wall_s"], row[f"{side}_cpu_s"] = wall, cpu
         row[f"{side}_per_s"], row[f"{side}_per_cpu_s"] = per_step / wall, per_step / cpu
         row[f"{side}_rss_mb"] = max(r["rss_mb"] for r in runs[impl])
@@ -253,7 +258,7 @@ def _cpu_name() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", default="rm,dpo,grpo,rloo,rollout,ppo")
+    ap.add_argument("--tasks", default="rm,dpo,grpo,rloo,rollout,rollout_rebuild,ppo")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
