@@ -2,6 +2,7 @@
 
     samples = sample(model, tokenizer, prompt_ids, gen, seed=0)
     # Samples(prompt_ids, completion_ids, finished, logprobs)
+    sample(model, tokenizer, prompt_ids, gen, seed=1, reuse=True)  # fixed weights: keep the decoder for next time
 
 Two backends (`gen.backend`):
 - `fast` (the default through `auto` for Llama / Mistral / Qwen2 / GPT-2 models, LoRA included): `FastDecoder`, a
