@@ -448,19 +448,22 @@ def generate_rollout(world: World, policy: Any, tokenizer: Any, prompts: list, p
     (the vLLM engine); None samples with rlhfkit.rollout.sample."""
     from rlhfkit import models as M
     from rlhfkit import rl as R
-    from rlhfkit.rollout import sample
+    from rlhfkit.rollout import forget_decoder, sample
 
     n = world.check_split(len(prompt_ids), "train.rollout_batch_size (rows per update)")
     lo, hi, g = world.rank * n, (world.rank + 1) * n, gen.batch_size
     completions, logprobs = [], []
-    for c in range(lo // g, -(-hi // g)):
-        a, b = max(lo, c * g), min(hi, (c + 1) * g)
-        s = chunk_seed(seed, c, a - c * g)
-        with world.autocast():
-            out = sampler.sample(prompt_ids[a:b], gen, s) if sampler else sample(policy, tokenizer, prompt_ids[a:b],
-                                                                                  gen, seed=s)
-        completions += out.completion_ids
-        logprobs += out.logprobs
+    try:  # the chunks share one decoder (reuse), dropped before the update changes the weights
+        for c in range(lo // g, -(-hi // g)):
+            a, b = max(lo, c * g), min(hi, (c + 1) * g)
+            s = chunk_seed(seed, c, a - c * g)
+            with world.autocast():
+                out = sampler.sample(prompt_ids[a:b], gen, s) if sampler else sample(
+                    policy, tokenizer, prompt_ids[a:b], gen, seed=s, reuse=True)
+            completions += out.completion_ids
+            logprobs += out.logprobs
+    finally:
+        forget_decoder(policy)
     rows = range(lo, hi)
     texts = [M.decode_completion(tokenizer, comp, prompt_ids[i]) for comp, i in zip(completions, rows)]
     cols = {k: v[lo:hi] for k, v in (columns or {}).items()}

@@ -139,6 +139,12 @@ def decoder_for(model: Any, batch: int, reuse: bool = False) -> FastDecoder:
     return engine
 
 
+def forget_decoder(model: Any) -> None:
+    """Drop the decoder `decoder_for` keeps for model (e.g. after a rollout sampled in chunks, before the update
+    changes the weights: no copy is held through the training step)."""
+    _DECODERS.pop(model, None)
+
+
 def resolve_backend(model: Any, backend: str) -> str:
     """"fast" or "hf" for gen.backend auto/fast/hf; a UserError when fast is asked for an unsupported model."""
     if backend == "hf":

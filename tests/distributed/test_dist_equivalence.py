@@ -112,6 +112,7 @@ def test_sharded_rollout_equals_single_process_rollout(two_processes):
     identical ids, masks, positions and widths (global P, T), texts and columns; log-probs within TOL."""
     from rlhfkit import models as M
     from rlhfkit import rl as R
+    from rlhfkit import rollout
     from rlhfkit.config import GenConfig, ModelConfig
 
     root, results, _ = two_processes
@@ -124,12 +125,17 @@ def test_sharded_rollout_equals_single_process_rollout(two_processes):
     ids = R.encode_prompts(tok, prompts, 32)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the launched processes (tiny ops: one thread is faster on a shared CPU)
+    builds = []
+    init = rollout.FastDecoder.__init__
     try:
+        rollout.FastDecoder.__init__ = lambda self, *a, **k: (builds.append(1), init(self, *a, **k))[1]
         one = D.generate_rollout(D.World(), policy, tok, prompts, ids, GenConfig(max_new_tokens=8, batch_size=2),
                                  seed=5, columns={"k": list(range(8))})
         logprobs = R.forward_logprobs(policy, one, 1.0)[0]
     finally:
+        rollout.FastDecoder.__init__ = init
         torch.set_num_threads(threads)
+    assert len(builds) == 1 and policy not in rollout._DECODERS  # 4 chunks, one decoder, none kept after
     two = saved["batch"]
     for name in ("input_ids", "attention_mask", "position_ids", "completion_ids", "completion_mask", "has_eos"):
         assert torch.equal(getattr(one, name), getattr(two, name)), name
