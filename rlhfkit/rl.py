@@ -33,7 +33,7 @@ from rlhfkit.core import entropy_from_logits, gather_logprobs, has_eos, masked_m
 from rlhfkit.data.collate import additive_mask, causal_padding_allowed, pad_sequences, position_ids_from_mask
 from rlhfkit.errors import UserError
 from rlhfkit.heads import scalar_outputs
-from rlhfkit.rollout import FastDecoder, fast_unsupported_reason, sample
+from rlhfkit.rollout import DECODER_REUSE_MAX_BYTES, FastDecoder, decoder_for, fast_unsupported_reason, sample
 
 
 @dataclass
@@ -314,29 +314,20 @@ def reference_logprobs(policy: Any, ref_model: Any | None, batch: RolloutBatch, 
         return forward_logprobs(policy, batch, temperature, group=group)[0]
 
 
-FROZEN_DECODER_MAX_BYTES = 2 ** 31
-"""Largest reference model (weight bytes) that `frozen_decoder` keeps a folded copy of for the whole run."""
-_FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def frozen_decoder(model: Any) -> FastDecoder | None:
-    """A FastDecoder over a frozen model (every parameter requires_grad False) on CPU, built on first use and kept:
-    a no-gradient forward on folded, prepacked weights with none of the modules' per-call overhead (GPT-2 reference
-    pass 2-3x faster, bench/README.md). It is rebuilt when a weight changes through torch (a new tensor or an
-    in-place op: load_state_dict, copy_); changes made through `.data` are not seen, so a caller that edits a
-    reference that way must not rely on this. None (use the modules) on GPU, under autocast, for an architecture
-    FastDecoder does not implement, for a model with trainable weights, or above FROZEN_DECODER_MAX_BYTES."""
+    """A FastDecoder over a frozen model (every parameter requires_grad False) on CPU, built on first use and kept
+    (`rollout.decoder_for`, reuse): a no-gradient forward on folded, prepacked weights with none of the modules'
+    per-call overhead (GPT-2 reference pass 2-3x faster, bench/README.md). It is rebuilt when a weight changes
+    through torch (a new tensor or an in-place op: load_state_dict, copy_); changes made through `.data` are not
+    seen, so a caller that edits a reference that way must not rely on this. None (use the modules) on GPU, under
+    autocast, for an architecture FastDecoder does not implement, for a model with trainable weights, or above
+    rollout.DECODER_REUSE_MAX_BYTES."""
     params = list(model.parameters())
     if (not params or params[0].device.type != "cpu" or any(p.requires_grad for p in params)
             or torch.is_autocast_enabled("cpu") or fast_unsupported_reason(model) is not None
-            or sum(p.numel() * p.element_size() for p in params) > FROZEN_DECODER_MAX_BYTES):
+            or sum(p.numel() * p.element_size() for p in params) > DECODER_REUSE_MAX_BYTES):
         return None
-    key = tuple((p.data_ptr(), p._version) for p in params)
-    hit = _FROZEN.get(model)
-    if hit is None or hit[0] != key:
-        hit = (key, FastDecoder(model))
-        _FROZEN[model] = hit
-    return hit[1]
+    return decoder_for(model, 8, reuse=True)
 
 
 def load_reference(policy: Any, cfg: ModelConfig, device: torch.device) -> Any | None:

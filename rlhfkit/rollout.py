@@ -112,8 +112,10 @@ def decoder_for(model: Any, batch: int, reuse: bool = False) -> FastDecoder:
     Building folds and prepacks every weight matrix: about a third of a short `sample()` call on the benchmark's
     GPT-2 (20 of 60 ms for 8 x 32 tokens, mostly page faults on the fresh copies), paid again by every call of a
     generation loop on fixed weights. The key is each parameter's address and version counter (a new tensor,
-    .to(), load_state_dict, copy_ or any in-place torch op changes it) and the number of torch optimizer steps
-    taken in the process (fused AdamW updates weights without bumping their version counters). Changes made
+    .to(), load_state_dict, copy_ or any in-place torch op changes it) and, for a model with trainable weights,
+    the number of torch optimizer steps taken in the process (fused AdamW updates weights without bumping their
+    version counters; a frozen model, such as the RL trainers' reference (`rl.frozen_decoder`), is not rebuilt
+    by the policy's steps). Changes made
     through `.data` are not seen: reuse is a promise by the caller that it makes none. Models with PEFT LoRA layers
     (an adapter can be switched off without a weight changing) and those above DECODER_REUSE_MAX_BYTES are never
     kept. A kept decoder holds one folded copy of the weights and the KV buffers of its last call while the model
@@ -125,11 +127,12 @@ def decoder_for(model: Any, batch: int, reuse: bool = False) -> FastDecoder:
             or any(hasattr(m, "base_layer") for m in model.modules())):
         _DECODERS.pop(model, None)
         return FastDecoder(model, batch)
-    if _OPTIMIZER_STEPS[1] is None:
+    trainable = any(p.requires_grad for p in params)
+    if trainable and _OPTIMIZER_STEPS[1] is None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         _OPTIMIZER_STEPS[1] = register_optimizer_step_post_hook(_count_optimizer_step)
-    key = (batch, _OPTIMIZER_STEPS[0], tuple((p.data_ptr(), p._version) for p in params))
+    key = (batch, _OPTIMIZER_STEPS[0] if trainable else -1, tuple((p.data_ptr(), p._version) for p in params))
     hit = _DECODERS.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -484,8 +487,8 @@ class FastDecoder:
         projection's columns;
       - weights are prepacked for oneDNN (`_Proj`); bias, activation and residual adds are fused into the products.
     A GPT-2 step is 4 + 16 per layer tensor ops plus sampling (HF generate: about 4x as many, plus module calls).
-    `completion_logprobs` / `forward_logits` run whole rows through the same multi-token `_forward` without
-    sampling: the no-gradient scoring of a frozen model (the RL trainers' reference, `rlhfkit.rl.frozen_decoder`).
+    `completion_logprobs` runs whole rows through the same multi-token `_forward` without sampling: the no-gradient
+    scoring of a frozen model (the RL trainers' reference, `rlhfkit.rl.frozen_decoder`).
     """
 
     def __init__(self, model: Any, batch: int = 8):
@@ -644,25 +647,6 @@ class FastDecoder:
             h = ly.o.add(a.view(B, Hq * D), h)
             h = self._mlp_block(ly, h)
         return self.lm_head(self._norm(h, self.norm_f))  # (B, V)
-
-    def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                       keep: int) -> torch.Tensor:
-        """Logits (B, keep, V) of the last `keep` positions of rows input_ids (B, L), without gradient: the HF call
-        model(input_ids, attention_mask, position_ids, logits_to_keep=keep).logits on this decoder's folded weights
-        (equal to float rounding at every position a real token sits). attention_mask: (B, L) 1 on real tokens
-        (causal over them), or (B, 1, L, L) bool, True where a query may attend a key (packed pair rows).
-        An inference-mode tensor: clone it before autograd reads it."""
-        with torch.inference_mode():
-            ids, pos = input_ids.to(self.device), position_ids.to(self.device)
-            allowed = attention_mask.to(self.device).bool()
-            valid = allowed if allowed.dim() == 2 else None
-            if allowed.dim() == 2:
-                allowed = causal_padding_allowed(allowed)
-            B, L = ids.shape
-            self._set_rope(int(pos.max()) + 1)
-            h = self._forward(ids, pos, self._caches(B, L), additive_mask(allowed, self.dtype),
-                              valid=valid)[:, L - keep:]
-            return self.lm_head(self._norm(h.reshape(B * keep, -1), self.norm_f)).view(B, keep, -1)
 
     def completion_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                             prompt_width: int, completion_ids: torch.Tensor, temperature: float, group: int = 0
