@@ -24,7 +24,7 @@ from typing import Any
 
 from rlhfkit.annotate.schemas import CHOICES, MAX_TEXT, Project
 from rlhfkit.data.formats import _text_or_messages
-from rlhfkit.data.io import Record, read_records
+from rlhfkit.data.io import Record, number, read_records
 from rlhfkit.errors import UserError
 
 KNOWN = ("prompt", "completions", "completion", "chosen", "rejected", "gold", "gold_score")
@@ -68,11 +68,13 @@ def items_from_record(rec: Record, project: Project, *, shuffle_pairs: bool = Tr
             field = "prompt" if i == 0 else "completions"
             raise UserError(f"{rec.where}: field '{field}': longer than {MAX_TEXT} characters")
     gold = d.get("gold")
+    if rec.table and gold is not None:  # a CSV/TSV cell; blank: no gold answer
+        gold = gold.strip() or None
     if gold is not None and gold not in CHOICES:
         raise UserError(f"{rec.where}: field 'gold': expected one of {', '.join(CHOICES)}, got {gold!r}")
     if gold is not None and len(completions) != 2:
         raise UserError(f"{rec.where}: field 'gold': a pairwise gold answer needs exactly 2 completions")
-    gold_score = d.get("gold_score")
+    gold_score = number(rec, "gold_score")
     if gold_score is not None:
         if isinstance(gold_score, bool) or not isinstance(gold_score, (int, float)) or not math.isfinite(gold_score):
             raise UserError(f"{rec.where}: field 'gold_score': expected a number, got {gold_score!r}")

@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from rlhfkit.data.io import Record, read_records
+from rlhfkit.data.io import Record, number, read_records
 from rlhfkit.errors import UserError
 
 Text = Union[str, list]
@@ -235,11 +235,13 @@ def _pair_from_record(rec: Record) -> PreferencePair:
     for key in ("chosen", "rejected"):
         if key not in d:
             raise _missing(rec, key, ("prompt", "chosen", "rejected"))
-    margin = d.get("margin")
+    margin = number(rec, "margin")
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
                                or not math.isfinite(margin) or margin < 0):
         raise UserError(f"{rec.where}: field 'margin': expected a finite number >= 0, got {margin!r}")
     label = d.get("label", "chosen")
+    if rec.table:  # a CSV/TSV cell: blank means the default
+        label = label.strip() or "chosen"
     if label not in ("chosen", "tie", "both_bad"):
         raise UserError(f"{rec.where}: field 'label': expected chosen, tie or both_bad, got {label!r}")
     extra = _extra(rec, ("prompt", "chosen", "rejected", "margin", "label"))
@@ -305,7 +307,9 @@ def load_ratings(source: Any, name: str | None = None) -> list[RatingExample]:
         completion = _text_or_messages(rec, "completion")
         if "score" not in rec.data:
             raise _missing(rec, "score", ("prompt", "completion"))
-        score = rec.data["score"]
+        score = number(rec, "score")
+        if score is None and rec.table:  # a blank CSV/TSV cell (JSON null fails the type check below)
+            raise UserError(f"{rec.where}: field 'score': empty cell, expected a number")
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
             raise UserError(f"{rec.where}: field 'score': expected a finite number, got {score!r}")
         out.append(RatingExample(prompt, completion, float(score), rec.where,

@@ -27,6 +27,23 @@ class Record:
     where: str
     """file:line (or name[index]) of the record, for error messages."""
     data: dict
+    table: bool = False
+    """From a CSV/TSV row: every value is a string, so numeric fields are read with `number`."""
+
+
+def number(rec: Record, key: str) -> Any:
+    """rec.data[key] for a field that should hold a number, or None when absent. A CSV/TSV cell is a string: an
+    empty cell counts as absent and one that reads as a number (" 4", "0.5", "1e-3") as that float; any other value
+    is returned as it is, for the caller's type check to name."""
+    value = rec.data.get(key)
+    if rec.table and isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _open_binary(path: Path):
@@ -134,8 +151,9 @@ def _read_text_lines(path: Path) -> list[Record]:
 
 
 def _read_table(path: Path, delimiter: str) -> list[Record]:
-    """CSV/TSV with a header row: one record per row, keyed by the header (values are strings). A record's line is
-    the last physical line of its row (quoted fields may span lines)."""
+    """CSV/TSV with a header row: one record per row, keyed by the header (values are strings; the formats read
+    numeric fields with `number`). A record's line is the last physical line of its row (quoted fields may span
+    lines)."""
     kind = "TSV" if delimiter == "\t" else "CSV"
     reader = csv.reader(io.StringIO("".join(_decode(path, n, raw) for n, raw in _iter_lines(path))),
                         delimiter=delimiter)
@@ -149,7 +167,7 @@ def _read_table(path: Path, delimiter: str) -> list[Record]:
             elif any(cell.strip() for cell in row):
                 if len(row) != len(header):
                     raise UserError(f"{path}:{reader.line_num}: {len(row)} columns, the header has {len(header)}")
-                records.append(Record(f"{path}:{reader.line_num}", dict(zip(header, row))))
+                records.append(Record(f"{path}:{reader.line_num}", dict(zip(header, row)), table=True))
     except csv.Error as err:
         raise UserError(f"{path}:{reader.line_num}: malformed {kind} ({err})") from None
     if not header or not any(header):

@@ -98,6 +98,21 @@ def test_pair_order_is_shuffled_but_stable(store):
         assert it["extra"]["indices"] == ([0, 1] if first_is_a else [1, 0])
 
 
+def test_csv_candidates_read_gold_score_as_a_number(store, tmp_path):
+    """A CSV cell is a string: gold_score reads as a number, a blank gold or gold_score cell is no gold."""
+    make_project(store, "csv", kinds=["pairwise", "rating"], scale_min=1, scale_max=5)
+    path = tmp_path / "cands.csv"
+    path.write_text("prompt,chosen,rejected,gold,gold_score\nQ1,yes,no,A, 4\nQ2,fine,bad,,\n")
+    import_candidates(store, "csv", path)
+    items = store.items(project_id=store.get_project(name="csv").id)
+    golds = {(it["prompt"], it["kind"], it["completions"][0]): it["gold"] for it in items}
+    assert golds[("Q1", "rating", "yes")] == {"score": 4.0}
+    assert all(g is None for (p, _, _), g in golds.items() if p == "Q2")
+    path.write_text("prompt,chosen,rejected,gold_score\nQ3,yes,no,six\n")
+    with pytest.raises(UserError, match="cands.csv:2: field 'gold_score': expected a number, got 'six'"):
+        import_candidates(store, "csv", path)
+
+
 def test_assignment_k_distinct_no_repeats_and_leases(store):
     project = make_project(store, "p", kinds=["pairwise"], k=2, lease_seconds=60, gold_rate=0.0)
     import_candidates(store, "p", CANDIDATES[:2])  # 2 pairwise items

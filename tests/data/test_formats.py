@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pytest
 
@@ -132,6 +133,35 @@ def test_text_csv_and_tsv_files(tmp_path):
     (tmp_path / "other.csv").write_text("question\nx\n")
     with pytest.raises(UserError, match="other.csv:2: missing field 'prompt'"):
         load_prompts(tmp_path / "other.csv")
+
+
+def test_csv_numeric_fields_read_as_numbers(tmp_path):
+    """CSV/TSV cells are strings; the fields that hold numbers (score, margin) read them as numbers, a blank
+    optional cell counts as absent, and a cell that is not a finite number is refused naming file, line and field."""
+    ratings = tmp_path / "r.csv"
+    ratings.write_text("prompt,completion,score,note\nQ,A, 4 ,7\nQ,B,-0.5,x\nQ,C,1e-3,\n")
+    got = load_ratings(ratings)
+    assert [r.score for r in got] == [4.0, -0.5, 0.001]
+    assert got[0].extra == {"note": "7"}  # other fields stay as written
+    pairs = tmp_path / "p.tsv"
+    pairs.write_text("prompt\tchosen\trejected\tmargin\tlabel\nQ\ty\tn\t2.5\ttie\nQ\ty\tn\t\t\n")
+    first, second = load_preferences(pairs).pairs
+    assert (first.margin, first.label) == (2.5, "tie")
+    assert (second.margin, second.label) == (None, "chosen")
+    for name, content, message in [
+            ("s.csv", "prompt,completion,score\nQ,A,4\nQ,B,good\n", "s.csv:3: field 'score': expected a finite "
+             "number, got 'good'"),
+            ("n.csv", "prompt,completion,score\nQ,A,nan\n", "n.csv:2: field 'score': expected a finite number"),
+            ("b.csv", "prompt,completion,score\nQ,A,\n", "b.csv:2: field 'score': empty cell, expected a number"),
+            ("m.csv", "prompt,chosen,rejected,margin\nQ,y,n,-1\n", "m.csv:2: field 'margin': expected a finite "
+             "number >= 0")]:
+        (tmp_path / name).write_text(content)
+        with pytest.raises(UserError, match=re.escape(message)):
+            (load_ratings if "score" in content else load_preferences)(tmp_path / name)
+    # JSON keeps its types: a quoted number there is a type error, as before
+    (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": "Q", "completion": "A", "score": "4"}) + "\n")
+    with pytest.raises(UserError, match="q.jsonl:1: field 'score': expected a finite number, got '4'"):
+        load_ratings(tmp_path / "q.jsonl")
 
 
 def test_bundled_paths():
