@@ -86,14 +86,13 @@ def _from_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
         raise UserError(f"{what}: cannot load {name!r} as a {where}: {first}") from None
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
-    """AutoTokenizer with a pad token and a chat template guaranteed."""
+def load_tokenizer(name: str, trust_remote_code: bool = False, key: str = "model.tokenizer") -> Any:
+    """AutoTokenizer with a pad token and a chat template guaranteed; errors name the config key that gave `name`."""
     from transformers import AutoTokenizer
 
-    tok = _from_pretrained(AutoTokenizer, resolve_model_name(name), "model.tokenizer",
-                           trust_remote_code=trust_remote_code)
+    tok = _from_pretrained(AutoTokenizer, resolve_model_name(name), key, trust_remote_code=trust_remote_code)
     if tok.eos_token_id is None:
-        raise UserError(f"model.tokenizer: {name!r} has no EOS token; completions could never end")
+        raise UserError(f"{key}: {name!r} has no EOS token; completions could never end")
     if tok.pad_token_id is None:
         if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
             tok.pad_token = tok.unk_token
@@ -102,6 +101,14 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     if not getattr(tok, "chat_template", None):
         tok.chat_template = DEFAULT_CHAT_TEMPLATE
     return tok
+
+
+def tokenizer_for(cfg: ModelConfig) -> Any:
+    """The tokenizer of cfg.tokenizer, or of the model cfg.name when that is empty (the usual case); an error names
+    whichever of the two keys was used."""
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
+    return load_tokenizer(cfg.name, cfg.trust_remote_code, key="model.name")
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -131,12 +138,14 @@ def fuse_activations(model: torch.nn.Module) -> int:
     return swapped
 
 
-def load_causal_lm(cfg: ModelConfig, device: torch.device, name: str | None = None) -> Any:
-    """AutoModelForCausalLM from `name` (default cfg.name), dropout off, on `device` in cfg.dtype."""
+def load_causal_lm(cfg: ModelConfig, device: torch.device, name: str | None = None, key: str = "") -> Any:
+    """AutoModelForCausalLM from `name` (default cfg.name), dropout off, on `device` in cfg.dtype. Errors name `key`,
+    the config key that gave the model (default: model.reference for a `name`, else model.name)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_name(name or cfg.name)
-    model = _from_pretrained(AutoModelForCausalLM, path, "model.name", dtype=pick_dtype(cfg.dtype, device),
+    key = key or ("model.reference" if name else "model.name")
+    model = _from_pretrained(AutoModelForCausalLM, path, key, dtype=pick_dtype(cfg.dtype, device),
                              trust_remote_code=cfg.trust_remote_code)
     disable_dropout(model)
     fuse_activations(model)

@@ -9,7 +9,7 @@ from rlhfkit.config import GenConfig, ModelConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models import (DEFAULT_CHAT_TEMPLATE, decode_completion, encode_pair, encode_prompt,
                             gpt2_tokenizer_from_files, load_causal_lm, load_tokenizer, pick_device, pick_dtype,
-                            resolve_model_name)
+                            resolve_model_name, tokenizer_for)
 from rlhfkit.rollout import sample
 
 
@@ -49,6 +49,21 @@ def test_missing_folder_and_unknown_hub_id_are_user_errors(tmp_path, monkeypatch
         load_causal_lm(ModelConfig(name=str(tmp_path / "no" / "such" / "folder")), torch.device("cpu"))
     with pytest.raises(UserError, match="cannot load 'nobody/no-such-model'"):
         load_tokenizer("nobody/no-such-model")
+
+
+def test_load_errors_name_the_key_that_gave_the_folder(tmp_path):
+    """model.tokenizer defaults to model.name, so a wrong model.name must be reported as model.name; a reference
+    load as model.reference."""
+    missing = str(tmp_path / "missing")
+    with pytest.raises(UserError, match=r"^model\.name: folder '.*missing' not found"):
+        tokenizer_for(ModelConfig(name=missing))
+    with pytest.raises(UserError, match=r"^model\.tokenizer: folder '.*missing' not found"):
+        tokenizer_for(ModelConfig(name="stories260k", tokenizer=missing))
+    assert tokenizer_for(ModelConfig(name="stories260k")).eos_token_id == 2
+    with pytest.raises(UserError, match=r"^model\.reference: folder '.*missing' not found"):
+        load_causal_lm(ModelConfig(), torch.device("cpu"), name=missing)
+    with pytest.raises(UserError, match=r"^b\.model: folder"):
+        load_causal_lm(ModelConfig(), torch.device("cpu"), name=missing, key="b.model")
 
 
 def test_default_chat_template_matches_anthropic_hh_text():

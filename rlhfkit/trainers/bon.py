@@ -97,7 +97,7 @@ def main(cfg: BoNConfig, argv: list[str] | None = None) -> dict:
     seed_everything(cfg.seed)
     records = load_prompts(cfg.data.prompts)[: cfg.data.limit or None]
     device = M.pick_device(cfg.device)
-    tokenizer = M.load_tokenizer(cfg.model.tokenizer or cfg.model.name, cfg.model.trust_remote_code)
+    tokenizer = M.tokenizer_for(cfg.model)
     model = M.load_causal_lm(cfg.model, device).eval()
     scorer = S.load_scorer(cfg.reward, device)
     n = cfg.num_samples

@@ -205,7 +205,7 @@ def _samples_from_file(path: str, n_prompts: int, k: int, what: str) -> list[str
     return out
 
 
-def sample_policy(spec: PolicySpec, name: str, prompts: list, cfg: EvalConfig, device) -> PolicySamples:
+def sample_policy(spec: PolicySpec, name: str, prompts: list, cfg: EvalConfig, device, key: str = "a") -> PolicySamples:
     from rlhfkit import models as M
     from rlhfkit.config import ModelConfig
     from rlhfkit.rollout import sample
@@ -214,8 +214,9 @@ def sample_policy(spec: PolicySpec, name: str, prompts: list, cfg: EvalConfig, d
     k = cfg.num_samples
     if spec.samples:
         return PolicySamples(name, _samples_from_file(spec.samples, len(prompts), k, f"{name}.samples"))
-    tok = M.load_tokenizer(cfg.tokenizer or spec.model)
-    model = M.load_causal_lm(ModelConfig(name=spec.model), device).eval()
+    tok = M.load_tokenizer(cfg.tokenizer, key="tokenizer") if cfg.tokenizer else \
+        M.load_tokenizer(spec.model, key=f"{key}.model")
+    model = M.load_causal_lm(ModelConfig(name=spec.model), device, key=f"{key}.model").eval()
     ids = [M.encode_prompt(tok, p) for p in prompts for _ in range(k)]
     bar = progress(len(ids), f"eval: sample {name}", cfg.progress, unit="seq")
     s = sample(model, tok, ids, cfg.gen, seed=cfg.seed, progress=bar)
@@ -290,9 +291,9 @@ def evaluate(cfg: EvalConfig) -> tuple[dict, list[dict]]:
     prompts = [r.prompt for r in records]
     flat_prompts = [p for p in prompts for _ in range(k)]
     columns = {key: [r.extra.get(key) for r in records for _ in range(k)] for key in records[0].extra}
-    policies = {"a": sample_policy(cfg.a, cfg.a.name or "tuned", prompts, cfg, device)}
+    policies = {"a": sample_policy(cfg.a, cfg.a.name or "tuned", prompts, cfg, device, "a")}
     if cfg.b.model or cfg.b.samples:
-        policies["b"] = sample_policy(cfg.b, cfg.b.name or "base", prompts, cfg, device)
+        policies["b"] = sample_policy(cfg.b, cfg.b.name or "base", prompts, cfg, device, "b")
 
     judges = make_judges(cfg, device)
     scores: dict[str, dict[str, list[float]]] = {key: {} for key in policies}
@@ -307,7 +308,8 @@ def evaluate(cfg: EvalConfig) -> tuple[dict, list[dict]]:
     ref_name = cfg.reference or cfg.b.model
     kls = None
     if ref_name and policies["a"].model is not None:
-        ref_model = M.load_causal_lm(ModelConfig(name=ref_name), device).eval()
+        ref_model = M.load_causal_lm(ModelConfig(name=ref_name), device,
+                                     key="reference" if cfg.reference else "b.model").eval()
         kls = kl_to_reference(policies["a"], ref_model, cfg)
     for key, pol in policies.items():
         spec = cfg.a if key == "a" else cfg.b

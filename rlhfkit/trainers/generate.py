@@ -57,7 +57,7 @@ def main(cfg: GenerateConfig, argv: list[str] | None = None) -> dict:
     if cfg.data.limit:
         prompts = prompts[: cfg.data.limit]
     device = M.pick_device(cfg.device)
-    tokenizer = M.load_tokenizer(cfg.model.tokenizer or cfg.model.name, cfg.model.trust_remote_code)
+    tokenizer = M.tokenizer_for(cfg.model)
     model = M.load_causal_lm(cfg.model, device)
     ids = [M.encode_prompt(tokenizer, p.prompt) for p in prompts]
     flat = [x for x in ids for _ in range(cfg.num_samples)]

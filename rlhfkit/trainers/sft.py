@@ -125,7 +125,7 @@ def main(cfg: SFTConfig, argv: list[str] | None = None) -> dict:
     world = D.init_world(cfg.run)  # one process, or a rank of `accelerate launch` / `torchrun`
     out = world.setup_run(cfg, argv)
     device = world.device
-    tokenizer = M.load_tokenizer(cfg.model.tokenizer or cfg.model.name, cfg.model.trust_remote_code)
+    tokenizer = M.tokenizer_for(cfg.model)
     examples = load_sft(cfg.data.train)
     if cfg.data.eval:
         eval_examples = load_sft(cfg.data.eval)
