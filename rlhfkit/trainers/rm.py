@@ -335,8 +335,10 @@ def train_linear(cfg: RMTrainConfig, data: RMData) -> tuple[Any, dict]:
         result.update(cache_hits=cache.hits, cache_misses=cache.misses, cache_file=str(cache.path))
         print(f"rm train (linear): features {ext.spec} (dim {ext.dim}): {cache.hits} cached, {cache.misses} computed "
               f"in {feature_seconds:.1f}s; cache {cache.path}")
-    print(f"rm train (linear): {stats['solver']}, train BT loss {stats.get('train_bt_loss', float('nan')):.4f}, "
-          f"train accuracy {stats.get('train_accuracy', float('nan')):.4f}", flush=True)
+    fit = [f"{label} {stats[key]:.4f}" for key, label in (("train_bt_loss", "train BT loss"),
+                                                           ("train_accuracy", "train accuracy"),
+                                                           ("train_mse", "train rating MSE")) if key in stats]
+    print(f"rm train (linear): {stats['solver']}, {', '.join(fit)}", flush=True)
     return rm, result
 
 
