@@ -52,6 +52,24 @@ def test_generate_contract(cli, jsonl, tmp_path):
     assert not rows[0]["completions"][0].startswith("Once upon")
 
 
+def test_jsonl_output_under_another_format_name_is_refused_before_any_work(cli, jsonl, tmp_path):
+    """generate/bon/rm score/annotate export write JSON Lines; out.csv would be read back as CSV (out.txt as one
+    record per line, out.json as an array), so the name is refused at once, naming the key, and nothing is written."""
+    prompts = jsonl([{"prompt": "Once upon a time"}])
+    for args, key, name, fix in [
+            (("generate", "model.name=stories260k", f"data.prompts={prompts}"), "output", "gen.csv", "gen.jsonl"),
+            (("generate", "model.name=stories260k", f"data.prompts={prompts}"), "output", "gen.txt.gz", "gen.jsonl.gz"),
+            (("bon", "reward.function=rlhfkit.gold:sentiment", f"data.prompts={prompts}", "num_samples=2",
+              f"output={tmp_path / 'sft.jsonl'}"), "pairs_output", "pairs.json", "pairs.jsonl"),
+            (("rm", "score", "model.path=runs/rm", f"input={prompts}"), "output", "scored.tsv", "scored.jsonl"),
+            (("annotate", "export", f"db={tmp_path / 'f.db'}", "project=p"), "output", "prefs.csv", "prefs.jsonl")]:
+        out = tmp_path / name
+        res = cli(*args, f"{key}={out}")
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert f"error: {key}: '{out}' would be read back as" in res.stderr and f"name it {fix}" in res.stderr
+        assert not out.exists()
+
+
 def test_sft_then_generate_from_local_folder(cli, jsonl, tmp_path):
     data = jsonl([{"prompt": "Q: colour of the sky?\nA:", "completion": " blue"}] * 8)
     res = cli("sft", f"data.train={data}", f"run.output_dir={tmp_path / 'sft'}", "train.steps=3",

@@ -134,11 +134,13 @@ class ExportConfig:
 
     def validate(self) -> None:
         from rlhfkit.annotate.export import EXPORT_KINDS
+        from rlhfkit.data import check_jsonl_output
 
         if not self.project:
             raise UserError("project: required")
         if not self.output:
             raise UserError("output: required (the JSONL file to write)")
+        check_jsonl_output(self.output, "output")
         if self.kind not in EXPORT_KINDS:
             raise UserError(f"kind: expected one of {', '.join(EXPORT_KINDS)}, got {self.kind!r}")
         if self.mode not in ("majority", "all"):

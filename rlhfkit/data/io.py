@@ -205,8 +205,26 @@ def _read_json_array(path: Path) -> list[Record]:
     return records
 
 
+READ_AS = {".csv": "CSV", ".tsv": "TSV", ".txt": "plain text (a record per line)", ".json": "one JSON array"}
+"""Names that `read_records` reads as something other than JSON Lines."""
+
+
+def check_jsonl_output(path: str | os.PathLike, key: str = "path") -> None:
+    """Refuse a JSONL output whose name `read_records` would read back as another format (say `out.csv`: each line
+    would become a CSV row). Call it when a config is validated, before any work, with the key that gave the path."""
+    name = Path(path).name
+    gz = ".gz" if name.endswith(".gz") else ""
+    stem = name[: len(name) - len(gz)]
+    for suffix, kind in READ_AS.items():
+        if stem.endswith(suffix):
+            raise UserError(f"{key}: {os.fspath(path)!r} would be read back as {kind}, but rlhfkit writes JSON Lines; "
+                            f"name it {stem[: -len(suffix)]}.jsonl{gz}")
+
+
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
-    """Write rows as JSONL atomically (temp file, then rename); gzip when the name ends in .gz. Returns the count."""
+    """Write rows as JSONL atomically (temp file, then rename); gzip when the name ends in .gz. Returns the count.
+    A name that would be read back as another format (.csv, .tsv, .txt, .json) is refused (`check_jsonl_output`)."""
+    check_jsonl_output(path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -26,7 +26,7 @@ from rlhfkit import models as M
 from rlhfkit import rl as R
 from rlhfkit import scoring as S
 from rlhfkit.config import GenConfig, ModelConfig
-from rlhfkit.data import load_prompts, write_jsonl
+from rlhfkit.data import check_jsonl_output, load_prompts, write_jsonl
 from rlhfkit.errors import UserError
 from rlhfkit.rollout import sample
 from rlhfkit.train_utils import progress, seed_everything
@@ -68,6 +68,9 @@ class BoNConfig:
     def validate(self) -> None:
         if not self.output:
             raise UserError("output: required (the SFT JSONL file to write)")
+        check_jsonl_output(self.output, "output")
+        if self.pairs_output:
+            check_jsonl_output(self.pairs_output, "pairs_output")
         if self.num_samples < 1:
             raise UserError(f"num_samples: must be >= 1, got {self.num_samples}")
         if self.pairs_output and self.num_samples < 2:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from rlhfkit import models as M
 from rlhfkit.config import GenConfig, ModelConfig
-from rlhfkit.data import load_prompts, write_jsonl
+from rlhfkit.data import check_jsonl_output, load_prompts, write_jsonl
 from rlhfkit.errors import UserError
 from rlhfkit.rollout import sample
 from rlhfkit.train_utils import progress, seed_everything
@@ -47,6 +47,7 @@ class GenerateConfig:
             raise UserError("data.prompts: required (a JSONL file of {\"prompt\": ...} records)")
         if not self.output:
             raise UserError("output: required (the JSONL file to write)")
+        check_jsonl_output(self.output, "output")
         if self.num_samples < 1:
             raise UserError(f"num_samples: must be >= 1, got {self.num_samples}")
 

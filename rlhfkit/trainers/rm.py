@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from rlhfkit.config import ModelConfig, OptimConfig, RunConfig, atomic_write_text
-from rlhfkit.data import load_preferences, read_records
+from rlhfkit.data import check_jsonl_output, load_preferences, read_records
 from rlhfkit.errors import UserError, exact_div
 from rlhfkit.reward.data import RMData, load_rm_data, reference_set, scoring_records
 
@@ -208,6 +208,7 @@ class RMScoreConfig:
             raise UserError("input: required (a JSONL file of prompt/completion records)")
         if not self.output:
             raise UserError("output: required (the JSONL file to write)")
+        check_jsonl_output(self.output, "output")
         if self.batch_size < 1:
             raise UserError(f"batch_size: must be >= 1, got {self.batch_size}")
 

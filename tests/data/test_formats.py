@@ -164,6 +164,18 @@ def test_csv_numeric_fields_read_as_numbers(tmp_path):
         load_ratings(tmp_path / "q.jsonl")
 
 
+def test_write_jsonl_refuses_names_read_as_another_format(tmp_path):
+    from rlhfkit.data import write_jsonl
+
+    for name in ("a.csv", "a.tsv", "a.txt", "a.json", "a.csv.gz"):
+        with pytest.raises(UserError, match="would be read back as"):
+            write_jsonl(tmp_path / name, [{"x": 1}])
+        assert not (tmp_path / name).exists()
+    for name in ("a.jsonl", "a.jsonl.gz", "a.out"):  # read back as JSON Lines
+        write_jsonl(tmp_path / name, [{"x": 1}])
+        assert [r.data for r in read_records(tmp_path / name)] == [{"x": 1}]
+
+
 def test_bundled_paths():
     assert len(load_prompts("bundled:tinystories_eval_prompts.jsonl")) == 200
     with pytest.raises(UserError, match="no such bundled file"):
