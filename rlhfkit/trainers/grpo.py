@@ -107,6 +107,8 @@ class GRPOConfig:
     """γ: discount of the per-token return (only matters with kl_mode=reward or reinforce_pp)."""
     clip_coef: float = 0.2
     """ε: policy ratio clip range [1 - ε, 1 + ε] (inactive in an on-policy update, where the ratio is 1)."""
+    clip_coef_high: float = 0.0
+    """> 0: a separate upper clip, [1 - clip_coef, 1 + clip_coef_high] (DAPO's clip-higher, e.g. 0.28); 0: clip_coef."""
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant"] = "token-mean"
     """token-mean: every token of the minibatch weighs the same (default; no length bias); seq-mean-token-mean:
     original GRPO (favours short answers); seq-mean-token-sum; constant: Σ tokens / (sequences x
@@ -134,8 +136,8 @@ class GRPOConfig:
         if not self.scale_rewards and self.advantage != "grpo":
             raise UserError("scale_rewards=false: only for advantage=grpo (rloo never divides by a std; "
                             "reinforce_pp whitens over the batch)")
-        if min(self.kl_coef, self.target_kl, self.approx_kl_stop) < 0:
-            raise UserError("kl_coef, target_kl, approx_kl_stop: must be >= 0")
+        if min(self.kl_coef, self.target_kl, self.approx_kl_stop, self.clip_coef_high) < 0:
+            raise UserError("kl_coef, target_kl, approx_kl_stop, clip_coef_high: must be >= 0")
         if not 0 < self.clip_coef < 1 or not 0 <= self.gamma <= 1:
             raise UserError("clip_coef must be in (0, 1); gamma in [0, 1]")
 
@@ -414,7 +416,8 @@ def train_minibatch(cfg: GRPOConfig, batch: R.RolloutBatch, mb: list[int], runne
             else:
                 old, adv = ro["old_logprobs"][index], ro["advantages"][index]
             loss, pg = core.ppo_policy_loss(logprobs=logprobs, old_logprobs=old, advantages=adv, mask=m,
-                                            clip_coef=cfg.clip_coef, aggregation=mode, normalizer=normalizer)
+                                            clip_coef=cfg.clip_coef, clip_coef_high=cfg.clip_coef_high or None,
+                                            aggregation=mode, normalizer=normalizer)
             acc["loss_policy"] = acc["loss_policy"] + loss.detach()
             if cfg.kl_mode == "loss" and kl_coef > 0:
                 kl_loss, _ = core.kl_loss_term(logprobs=logprobs, ref_logprobs=ref, mask=m,

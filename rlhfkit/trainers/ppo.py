@@ -97,6 +97,8 @@ class PPOConfig:
     """λ: GAE bias/variance trade-off."""
     clip_coef: float = 0.2
     """ε: policy ratio clip range [1 - ε, 1 + ε]."""
+    clip_coef_high: float = 0.0
+    """> 0: a separate upper clip, [1 - clip_coef, 1 + clip_coef_high] (DAPO's clip-higher, e.g. 0.28); 0: clip_coef."""
     value_clip_coef: float = 0.2
     """Value clip range around the rollout values; 0 disables value clipping."""
     vf_coef: float = 0.1
@@ -121,7 +123,7 @@ class PPOConfig:
             raise UserError("gen.temperature: PPO needs sampling, must be > 0")
         if self.whiten_rewards and t.rollout_batch_size < 8:
             raise UserError("whiten_rewards: needs train.rollout_batch_size >= 8 (lm-human-preferences)")
-        for key in ("kl_coef", "target_kl", "approx_kl_stop", "value_clip_coef", "vf_coef"):
+        for key in ("kl_coef", "target_kl", "approx_kl_stop", "value_clip_coef", "vf_coef", "clip_coef_high"):
             if getattr(self, key) < 0:
                 raise UserError(f"{key}: must be >= 0")
         if not 0 < self.clip_coef < 1 or not 0 <= self.gae_lambda <= 1 or not 0 <= self.gamma <= 1:
@@ -362,6 +364,7 @@ def train_minibatch(cfg: PPOConfig, batch: R.RolloutBatch, mb: list[int], runner
             logprobs, values = runner(policy_and_values, sub, temperature)
             pg_loss, pg = core.ppo_policy_loss(logprobs=logprobs, old_logprobs=old_logprobs[index],
                                                advantages=advantages[index], mask=m, clip_coef=cfg.clip_coef,
+                                               clip_coef_high=cfg.clip_coef_high or None,
                                                aggregation=cfg.loss_aggregation, normalizer=normalizer)
             vf_loss, vf = core.value_loss(values=values, old_values=old_values[index], returns=returns[index],
                                           mask=m, clip_coef=cfg.value_clip_coef or None,

@@ -286,6 +286,30 @@ def keys(cls) -> set[str]:
     return set(walk(cls(), ""))
 
 
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_clip_coef_high_reaches_the_policy_loss(tmp_path, monkeypatch, method):
+    """DAPO's clip-higher: clip_coef_high > 0 is the upper clip bound of every policy-loss call (0: clip_coef)."""
+    from rlhfkit import core
+
+    seen, real = [], core.ppo_policy_loss
+
+    def spy(**kwargs):
+        seen.append((kwargs["clip_coef"], kwargs.get("clip_coef_high")))
+        return real(**kwargs)
+
+    monkeypatch.setattr(core, "ppo_policy_loss", spy)
+    trainer, cls = (grpo, grpo.GRPOConfig) if method == "grpo" else (ppo, ppo.PPOConfig)
+    keys = {"reward.function": REWARD, "train.steps": "1", **TINY, **MULTI}
+    if method == "ppo":
+        del keys["train.num_generations"]
+    for high, expected in (("0.28", 0.28), ("0", None)):
+        seen.clear()
+        trainer.main(load_config(cls, None, {**keys, "run.output_dir": str(tmp_path / high), "clip_coef_high": high}))
+        assert seen and set(seen) == {(0.2, expected)}
+    with pytest.raises(UserError, match="clip_coef_high"):
+        load_config(cls, None, {**keys, "clip_coef_high": "-0.1"})
+
+
 def test_same_keys_as_ppo_plus_num_generations():
     value_model_keys = {"gae_lambda", "vf_coef", "value_clip_coef", "value_model", "whiten_rewards"}
     assert keys(ppo.PPOConfig) - value_model_keys <= keys(grpo.GRPOConfig)
