@@ -3,7 +3,7 @@
     rlhfkit grpo reward.function=tests/fixtures/positive_reward.py:positivity run.output_dir=runs/grpo
     rlhfkit grpo ... scale_rewards=false loss_aggregation=constant       # Dr. GRPO
     rlhfkit rloo reward.model=runs/rm data.prompts=prompts.jsonl          # RLOO, KL in the reward
-    rlhfkit grpo ... advantage=reinforce_pp kl_mode=reward                # REINFORCE++
+    rlhfkit grpo ... advantage=reinforce_pp kl_mode=reward                # REINFORCE++ (_baseline: group mean first)
     rlhfkit grpo --config runs/grpo/config.yaml --resume                  # continue an interrupted run
 
 Why one file: the methods differ only in how scores become advantages (rlhfkit.core functions) and in defaults;
@@ -17,9 +17,9 @@ One update (`step` in metrics.jsonl), B = train.rollout_batch_size, G = train.nu
      optimizer step (or REINFORCE++); with one step (the default) the training forward's own detached log-probs
      are the old ones: ratio exactly 1, no extra pass;
   3. sequence advantages: grpo (r - mean_g) / (std_g + 1e-4), std unbiased (G - 1, as torch and TRL), no division
-     with scale_rewards=false (Dr. GRPO); rloo r - mean of the other G - 1; reinforce_pp the score itself. Per
-     token A_t = Σ_{s>=t} γ^{s-t} r_s, r_s = -β KL_s (kl_mode=reward) + that advantage on the last real token;
-     reinforce_pp whitens A over the batch;
+     with scale_rewards=false (Dr. GRPO); rloo r - mean of the other G - 1; reinforce_pp the score itself,
+     reinforce_pp_baseline r - mean_g. Per token A_t = Σ_{s>=t} γ^{s-t} r_s, r_s = -β KL_s (kl_mode=reward) + that
+     advantage on the last real token; both reinforce_pp modes whiten A over the batch;
   4. update_epochs x num_minibatches AdamW steps on the clipped policy loss (+ β k3 KL term, kl_mode=loss),
      token-mean over the minibatch by default; 5. adaptive β (target_kl > 0), metrics, samples, checkpoints.
 Data parallel (accelerate launch / torchrun, rlhfkit.distributed): each rank samples, scores and runs the no-grad
@@ -82,9 +82,10 @@ class GRPOConfig:
     data: PPODataConfig = field(default_factory=PPODataConfig)
     reward: S.RewardConfig = field(default_factory=S.RewardConfig)
     train: GRPOTrainConfig = field(default_factory=GRPOTrainConfig)
-    advantage: Literal["grpo", "rloo", "reinforce_pp"] = "grpo"
+    advantage: Literal["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
     """grpo: group mean/std (Shao et al. 2024); rloo: leave-one-out mean (Ahmadian et al. 2024); reinforce_pp:
-    returns whitened over the whole batch, no groups needed (Hu 2025)."""
+    returns whitened over the whole batch, no groups needed (Hu 2025); reinforce_pp_baseline: the group's mean score
+    subtracted first, then the same (REINFORCE++-baseline, OpenRLHF's reinforce_baseline)."""
     scale_rewards: bool = True
     """grpo: divide by the group's std (unbiased, + 1e-4). false = Dr. GRPO (Liu et al. 2025): the division
     up-weights prompts that are almost always right or wrong; use with loss_aggregation=constant."""
@@ -145,7 +146,7 @@ class GRPOConfig:
 @dataclass
 class RLOOConfig(GRPOConfig):
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/rloo", log_every=1))
-    advantage: Literal["grpo", "rloo", "reinforce_pp"] = "rloo"
+    advantage: Literal["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "rloo"
     kl_mode: Literal["loss", "reward"] = "reward"
 
 
@@ -159,7 +160,7 @@ def auto_rollout_batch_size(num_generations: int, rows_per_minibatch_unit: int, 
 def needs_old_pass(cfg: GRPOConfig) -> bool:
     """True when old log-probs need their own no-grad pass: more than one optimizer step per rollout, or
     REINFORCE++ (its batch whitening needs every row's KL before any row trains)."""
-    return cfg.train.update_epochs * cfg.train.num_minibatches > 1 or cfg.advantage == "reinforce_pp"
+    return cfg.train.update_epochs * cfg.train.num_minibatches > 1 or cfg.advantage.startswith("reinforce_pp")
 
 
 def sequence_advantages(cfg: GRPOConfig, scores: torch.Tensor) -> torch.Tensor:
@@ -169,6 +170,8 @@ def sequence_advantages(cfg: GRPOConfig, scores: torch.Tensor) -> torch.Tensor:
         return core.grpo_advantages(scores, G, scale="std" if cfg.scale_rewards else "none")
     if cfg.advantage == "rloo":
         return core.rloo_advantages(scores, G)
+    if cfg.advantage == "reinforce_pp_baseline":
+        return core.grpo_advantages(scores, G, scale="none")  # r - group mean
     return scores
 
 
@@ -287,7 +290,7 @@ def main(cfg: GRPOConfig, argv: list[str] | None = None) -> dict:
             with torch.no_grad():
                 ro["advantages"] = token_advantages(cfg, seq_adv=seq_adv, logprobs=ro["old_logprobs"],
                                                     ref_logprobs=ref_logprobs, mask=mask, kl_coef=kl_ctl.value)
-                if cfg.advantage == "reinforce_pp":  # whitened (shift and scale) over the global batch
+                if cfg.advantage.startswith("reinforce_pp"):  # whitened (shift and scale) over the global batch
                     ro["advantages"] = core.masked_whiten(ro["advantages"], mask, shift_mean=True)
         # 4. epochs x minibatches x micro-batches (this rank's share of each minibatch)
         t_update = time.perf_counter()

@@ -227,6 +227,27 @@ def test_reinforce_pp_with_lora_adapter_off_reference(tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "model" / "config.json").is_file()
 
 
+def test_reinforce_pp_baseline_centres_groups_then_whitens_the_batch(tmp_path, monkeypatch):
+    """REINFORCE++-baseline: the group mean leaves each score, a group of equal scores gives no signal, and the
+    per-token advantages are whitened over the batch (old-log-prob pass on)."""
+    out, seen, real = tmp_path / "rppb", {}, grpo.sequence_advantages
+
+    def spy(cfg, scores):
+        seen["scores"], seen["adv"] = scores.clone(), real(cfg, scores)
+        return seen["adv"]
+
+    monkeypatch.setattr(grpo, "sequence_advantages", spy)
+    cfg = tiny_cfg(out, **{"advantage": "reinforce_pp_baseline", "kl_mode": "reward", "train.steps": "1"})
+    assert grpo.needs_old_pass(cfg)
+    grpo.main(cfg, [])
+    groups = seen["scores"].view(-1, 4)
+    torch.testing.assert_close(seen["adv"].view(-1, 4), groups - groups.mean(-1, keepdim=True))
+    line = rows(out)[0]
+    assert abs(line["advantages/mean"]) < 1e-5 and line["policy/ratio_first_min"] == 1.0
+    with pytest.raises(UserError, match="needs a group of >= 2"):
+        tiny_cfg(tmp_path / "g1", **{"advantage": "reinforce_pp_baseline", "train.num_generations": "1"})
+
+
 # ---------------------------------------------------------------- trainer functions by hand
 
 
@@ -273,6 +294,9 @@ def test_sequence_advantages_modes():
     torch.testing.assert_close(grpo.sequence_advantages(cfg, r), torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3]))
     cfg.advantage = "reinforce_pp"
     assert torch.equal(grpo.sequence_advantages(cfg, r), r)
+    cfg.advantage = "reinforce_pp_baseline"  # group mean subtracted (then whitened over the batch in the trainer)
+    r8 = torch.tensor([1.0, 0.0, 0.0, 1.0, 3.0, 1.0, 1.0, 3.0])
+    torch.testing.assert_close(grpo.sequence_advantages(cfg, r8), torch.tensor([0.5, -0.5, -0.5, 0.5, 1, -1, -1, 1.]))
 
 
 # ---------------------------------------------------------------- config and command line

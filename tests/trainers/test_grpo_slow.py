@@ -26,6 +26,7 @@ METHODS = {
     "dr_grpo": (grpo.GRPOConfig, {"scale_rewards": "false", "loss_aggregation": "constant"}),
     "rloo": (grpo.RLOOConfig, {}),
     "reinforce_pp": (grpo.GRPOConfig, {"advantage": "reinforce_pp", "kl_mode": "reward"}),
+    "reinforce_pp_baseline": (grpo.GRPOConfig, {"advantage": "reinforce_pp_baseline", "kl_mode": "reward"}),
 }
 
 
