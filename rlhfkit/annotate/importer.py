@@ -24,7 +24,7 @@ from typing import Any
 
 from rlhfkit.annotate.schemas import CHOICES, MAX_TEXT, Project
 from rlhfkit.data.formats import _text_or_messages
-from rlhfkit.data.io import Record, number, read_records
+from rlhfkit.data.io import Record, field_value, number, read_records
 from rlhfkit.errors import UserError
 
 KNOWN = ("prompt", "completions", "completion", "chosen", "rejected", "gold", "gold_score")
@@ -67,9 +67,7 @@ def items_from_record(rec: Record, project: Project, *, shuffle_pairs: bool = Tr
         if _size(t) > MAX_TEXT:
             field = "prompt" if i == 0 else "completions"
             raise UserError(f"{rec.where}: field '{field}': longer than {MAX_TEXT} characters")
-    gold = d.get("gold")
-    if rec.table and gold is not None:  # a CSV/TSV cell; blank: no gold answer
-        gold = gold.strip() or None
+    gold = field_value(rec, "gold")
     if gold is not None and gold not in CHOICES:
         raise UserError(f"{rec.where}: field 'gold': expected one of {', '.join(CHOICES)}, got {gold!r}")
     if gold is not None and len(completions) != 2:

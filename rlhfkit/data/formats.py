@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from rlhfkit.data.io import Record, number, read_records
+from rlhfkit.data.io import Record, field_value, number, read_records
 from rlhfkit.errors import UserError
 
 Text = Union[str, list]
@@ -239,9 +239,7 @@ def _pair_from_record(rec: Record) -> PreferencePair:
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
                                or not math.isfinite(margin) or margin < 0):
         raise UserError(f"{rec.where}: field 'margin': expected a finite number >= 0, got {margin!r}")
-    label = d.get("label", "chosen")
-    if rec.table:  # a CSV/TSV cell: blank means the default
-        label = label.strip() or "chosen"
+    label = field_value(rec, "label", "chosen")
     if label not in ("chosen", "tie", "both_bad"):
         raise UserError(f"{rec.where}: field 'label': expected chosen, tie or both_bad, got {label!r}")
     extra = _extra(rec, ("prompt", "chosen", "rejected", "margin", "label"))

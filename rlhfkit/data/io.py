@@ -31,14 +31,20 @@ class Record:
     """From a CSV/TSV row: every value is a string, so numeric fields are read with `number`."""
 
 
-def number(rec: Record, key: str) -> Any:
-    """rec.data[key] for a field that should hold a number, or None when absent. A CSV/TSV cell is a string: an
-    empty cell counts as absent and one that reads as a number (" 4", "0.5", "1e-3") as that float; any other value
-    is returned as it is, for the caller's type check to name."""
-    value = rec.data.get(key)
+def field_value(rec: Record, key: str, default: Any = None) -> Any:
+    """rec.data.get(key, default) for an optional field; a CSV/TSV cell is stripped, and a blank one is absent."""
+    value = rec.data.get(key, default)
     if rec.table and isinstance(value, str):
-        if not value.strip():
-            return None
+        return value.strip() or default
+    return value
+
+
+def number(rec: Record, key: str) -> Any:
+    """rec.data[key] for a field that should hold a number, or None when absent. A CSV/TSV cell is a string: a
+    blank cell counts as absent and one that reads as a number (" 4", "0.5", "1e-3") as that float; any other value
+    is returned as it is, for the caller's type check to name."""
+    value = field_value(rec, key)
+    if rec.table and isinstance(value, str):
         try:
             return float(value)
         except ValueError:

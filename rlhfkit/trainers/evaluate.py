@@ -205,7 +205,8 @@ def _samples_from_file(path: str, n_prompts: int, k: int, what: str) -> list[str
     return out
 
 
-def sample_policy(spec: PolicySpec, name: str, prompts: list, cfg: EvalConfig, device, key: str = "a") -> PolicySamples:
+def sample_policy(spec: PolicySpec, name: str, prompts: list, cfg: EvalConfig, device, key: str) -> PolicySamples:
+    """Completions of policy `key` (a or b): read from spec.samples, or sampled from spec.model."""
     from rlhfkit import models as M
     from rlhfkit.config import ModelConfig
     from rlhfkit.rollout import sample

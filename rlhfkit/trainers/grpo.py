@@ -157,10 +157,14 @@ def auto_rollout_batch_size(num_generations: int, rows_per_minibatch_unit: int, 
     return unit * max(1, round(target / unit))
 
 
+BATCH_WHITENED = ("reinforce_pp", "reinforce_pp_baseline")
+"""Advantage modes whose per-token advantages are whitened over the whole batch."""
+
+
 def needs_old_pass(cfg: GRPOConfig) -> bool:
     """True when old log-probs need their own no-grad pass: more than one optimizer step per rollout, or
     REINFORCE++ (its batch whitening needs every row's KL before any row trains)."""
-    return cfg.train.update_epochs * cfg.train.num_minibatches > 1 or cfg.advantage.startswith("reinforce_pp")
+    return cfg.train.update_epochs * cfg.train.num_minibatches > 1 or cfg.advantage in BATCH_WHITENED
 
 
 def sequence_advantages(cfg: GRPOConfig, scores: torch.Tensor) -> torch.Tensor:
@@ -290,7 +294,7 @@ def main(cfg: GRPOConfig, argv: list[str] | None = None) -> dict:
             with torch.no_grad():
                 ro["advantages"] = token_advantages(cfg, seq_adv=seq_adv, logprobs=ro["old_logprobs"],
                                                     ref_logprobs=ref_logprobs, mask=mask, kl_coef=kl_ctl.value)
-                if cfg.advantage.startswith("reinforce_pp"):  # whitened (shift and scale) over the global batch
+                if cfg.advantage in BATCH_WHITENED:  # whitened (shift and scale) over the global batch
                     ro["advantages"] = core.masked_whiten(ro["advantages"], mask, shift_mean=True)
         # 4. epochs x minibatches x micro-batches (this rank's share of each minibatch)
         t_update = time.perf_counter()
