@@ -99,20 +99,22 @@ def worker(args: argparse.Namespace) -> None:
         from workload import build
 
         w = build(args.model, Path(args.work))
-        stamps: list[tuple[float, float]] = []
+        stamps: list[tuple[float, float, int]] = []
 
-        def stamp() -> None:
-            stamps.append((time.perf_counter(), time.process_time()))
+        def stamp() -> None:  # wall, CPU seconds, minor page faults so far
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            stamps.append((time.perf_counter(), time.process_time(), faults))
 
         warmup, measured = args.warmup, args.steps
         runner = __import__("run_rlhfkit" if args.impl == "rlhfkit" else "run_trl")
         with tempfile.TemporaryDirectory(prefix=f"bench_{args.task}_{args.impl}_") as out:
             extra = runner.run(args.task, w, Path(out), warmup + measured + 1, args.threads, stamp, NUM_GENERATIONS)
         # stamps[k] ends step k+1; durations of the last `measured` steps (the first warmup + 1 are dropped)
-        steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:])][-measured:]
+        steps = [tuple(y - x for x, y in zip(a, b)) for a, b in zip(stamps, stamps[1:])][-measured:]
         if len(steps) < measured:
             raise SystemExit(f"{args.task}/{args.impl}: only {len(stamps)} steps were stamped")
-        result.update(extra, wall=[s[0] for s in steps], cpu=[s[1] for s in steps], threads=torch.get_num_threads())
+        result.update(extra, wall=[s[0] for s in steps], cpu=[s[1] for s in steps], faults=[s[2] for s in steps],
+                      threads=torch.get_num_threads())
     result["rss_mb"] = peak_rss_mb()
     result["load_end"] = os.getloadavg()[0]
     Path(args.out).write_text(json.dumps(result) + "\n")
