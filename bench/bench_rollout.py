@@ -61,6 +61,7 @@ def load_stories260k():
     tok = M.load_tokenizer("stories260k")
     tok.model_max_length = 10**6  # we cut the stories ourselves
     model = M.load_causal_lm(ModelConfig(dtype="float32"), torch.device("cpu"))
+    model.set_attn_implementation("sdpa")  # HF generate as a user runs it (rlhfkit switches small models' attention)
     return model.eval(), tok
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from rlhfkit.attention import use_small_attention
 from rlhfkit.config import ModelConfig
 from rlhfkit.errors import UserError
 
@@ -149,6 +150,7 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device, name: str | None = No
                              trust_remote_code=cfg.trust_remote_code)
     disable_dropout(model)
     fuse_activations(model)
+    use_small_attention(model)
     model.to(device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
