@@ -43,7 +43,7 @@ NARROW_COLUMNS = 8
 """Products whose result has at most this many columns (a head dimension) run transposed (`_narrow_bmm`)."""
 
 _EXTRAS = ("softcap", "position_bias", "s_aux", "sinks")
-_mask_cache: tuple[Any, torch.Tensor] | None = None  # (weakref to a bool mask, its additive form)
+_mask_cache: tuple[Any, int, torch.Tensor] | None = None  # (weakref to a bool mask, its version, additive form)
 
 
 def small_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -176,10 +176,11 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     global _mask_cache
     if mask is None or mask.dtype != torch.bool:
         return mask
-    if _mask_cache is not None and _mask_cache[0]() is mask and _mask_cache[1].dtype == dtype:
-        return _mask_cache[1]
+    if (_mask_cache is not None and _mask_cache[0]() is mask and _mask_cache[1] == mask._version
+            and _mask_cache[2].dtype == dtype):
+        return _mask_cache[2]
     additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-    _mask_cache = (weakref.ref(mask), additive)
+    _mask_cache = (weakref.ref(mask), mask._version, additive)
     return additive
 
 

@@ -157,3 +157,13 @@ def test_buffers_from_inference_mode_are_not_reused_outside_it():
         A.small_attention_forward(Attn(2), q, k, v, None)  # leaves inference buffers in the pool
     out, _ = A.small_attention_forward(Attn(2), q, k, v, None)  # would fail writing into one of them
     torch.autograd.grad(out.sum(), (q, k, v))
+
+
+def test_bool_mask_edited_in_place_is_not_served_stale():
+    q, k, v = qkv(1, 2, 2, 4, 4, 8)
+    allowed = padded_causal(1, 4, 4, [0])
+    first, _ = A.small_attention_forward(Attn(1), q, k, v, allowed)
+    allowed[0, 0, 3, :3] = False  # the last query now sees only itself
+    second, _ = A.small_attention_forward(Attn(1), q, k, v, allowed)
+    assert torch.allclose(second[0, 3, :, :], v[0, :, 3, :], atol=1e-6)
+    assert not torch.allclose(first[0, 3], second[0, 3])
