@@ -176,11 +176,13 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     global _mask_cache
     if mask is None or mask.dtype != torch.bool:
         return mask
-    if (_mask_cache is not None and _mask_cache[0]() is mask and _mask_cache[1] == mask._version
+    version = None if mask.is_inference() else mask._version  # (inference tensors have no version counter)
+    if (version is not None and _mask_cache is not None and _mask_cache[0]() is mask and _mask_cache[1] == version
             and _mask_cache[2].dtype == dtype):
         return _mask_cache[2]
     additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-    _mask_cache = (weakref.ref(mask), mask._version, additive)
+    if version is not None:
+        _mask_cache = (weakref.ref(mask), version, additive)
     return additive
 
 

@@ -167,3 +167,12 @@ def test_bool_mask_edited_in_place_is_not_served_stale():
     second, _ = A.small_attention_forward(Attn(1), q, k, v, allowed)
     assert torch.allclose(second[0, 3, :, :], v[0, :, 3, :], atol=1e-6)
     assert not torch.allclose(first[0, 3], second[0, 3])
+
+
+def test_bool_masks_made_in_inference_mode():
+    q, k, v = qkv(2, 8, 4, 7, 7, 8)
+    with torch.inference_mode():
+        allowed = padded_causal(2, 7, 7, [0, 2])  # an inference tensor: no version counter
+        out, _ = A.small_attention_forward(Attn(2), q, k, v, allowed)
+        ref, _ = sdpa_attention.sdpa_attention_forward(Attn(2), q, k, v, allowed)
+    assert torch.allclose(out[0], ref[0], atol=1e-5) and torch.allclose(out[1, 2:], ref[1, 2:], atol=1e-5)
