@@ -176,3 +176,46 @@ def test_bool_masks_made_in_inference_mode():
         out, _ = A.small_attention_forward(Attn(2), q, k, v, allowed)
         ref, _ = sdpa_attention.sdpa_attention_forward(Attn(2), q, k, v, allowed)
     assert torch.allclose(out[0], ref[0], atol=1e-5) and torch.allclose(out[1, 2:], ref[1, 2:], atol=1e-5)
+
+
+ARCHITECTURES = {  # tiny random models of several families (head dim 8), built from their configs
+    "llama": {},
+    "mistral": {"sliding_window": 4},  # the window lives in the mask
+    "qwen3": {"head_dim": 8},
+    "gpt_neox": {},
+    "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64},
+    "opt": {"ffn_dim": 64, "word_embed_proj_dim": 32},
+    "phi": {},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_model_families_score_and_train_as_with_sdpa(arch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    if arch in ("gpt2", "opt", "gpt_neox", "phi"):
+        base = {k: v for k, v in base.items() if k != "num_key_value_heads"}
+    if arch == "gpt2":
+        base = {"vocab_size": 100}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **base, **ARCHITECTURES[arch]),
+                                             attn_implementation="sdpa").eval()
+    ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3], mask[2, :5] = 0, 0  # left padding
+    real = mask.bool()
+
+    def run():
+        model.zero_grad()
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        (logits[real] * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        return logits.detach()[real], [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    ref, ref_grads = run()
+    assert A.use_small_attention(model) and model.config._attn_implementation == A.NAME
+    out, grads = run()
+    assert torch.allclose(out, ref, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-5 * max(1.0, float(r.abs().max())))
