@@ -3,18 +3,20 @@
 transformers' `sdpa` attention calls `torch.nn.functional.scaled_dot_product_attention`, whose CPU kernel works
 in blocks with a per-block product as deep as the head dimension. With small heads (stories260K: 8 dims) and short
 sequences that kernel spends most of its time in per-block overhead: at the benchmark's DPO shapes (8 rows of 90
-tokens, 8 query heads on 4 key/value heads) a layer's attention took 1.6 ms forward and 4.4 ms forward + backward,
-against 0.9 and 2.7 ms for plain products (`bench/README.md`). `small_attention_forward` runs
+tokens, 8 query heads on 4 key/value heads) a layer's attention takes 1.7 ms forward and 4.5 ms forward + backward,
+against 1.0 and 1.7 ms here (`bench/bench_attention.py`, bench/README.md). `small_attention_forward` runs
 
     scores = Q Kᵀ (the G query heads of a key/value head stacked as one matrix, no copy of K or V per head)
     probs  = softmax(scale · scores + mask)
     out    = probs V
 
 when the score tensor is small (at most `SMALL_ATTENTION_SCORES` entries, 4 MB) and the heads are at most
-`SMALL_ATTENTION_HEAD_DIM` deep, in float32 on CPU outside autocast, without
-attention dropout in training and without the extras some models pass (soft-capping, sinks, position bias); every
-other call goes to transformers' `sdpa_attention_forward` unchanged. It computes the same function (equal to
-float rounding, ~1e-6; tested against SDPA with padding, custom 4D masks, grouped-query heads and gradients).
+`SMALL_ATTENTION_HEAD_DIM` deep, in float32 on CPU outside autocast, without attention dropout in training and
+without the extras some models pass (soft-capping, sinks, position bias); every other call goes to transformers'
+`sdpa_attention_forward` unchanged. It computes the same function to float rounding (~1e-6; tested against SDPA
+with padding, custom 4D masks, grouped-query heads, gradients and several model families). One difference nobody
+reads: a query that may attend to no key (a padding position) gets the mean of the values, where SDPA with a bool
+mask gives 0. Score-sized buffers are kept in a small pool (at most 16, each at most 4 MB) and reused.
 
 `use_small_attention(model)` switches a loaded model whose attention is `sdpa` to it (under the name
 `rlhfkit_sdpa`, with SDPA's mask builder). The switch is not saved: `save_pretrained` writes no attention
