@@ -26,11 +26,12 @@ implementation, so a saved model loads with the default anywhere.
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from rlhfkit.data.collate import additive_mask
 
 NAME = "rlhfkit_sdpa"
 SMALL_ATTENTION_SCORES = 2 ** 20
@@ -45,7 +46,6 @@ NARROW_COLUMNS = 8
 """Products whose result has at most this many columns (a head dimension) run transposed (`_narrow_bmm`)."""
 
 _EXTRAS = ("softcap", "position_bias", "s_aux", "sinks")
-_mask_cache: tuple[Any, int, torch.Tensor] | None = None  # (weakref to a bool mask, its version, additive form)
 
 
 def small_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -68,14 +68,16 @@ def small_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
                                       is_causal=is_causal, **kwargs)
     G = H // Hkv  # query head h uses key/value head h // G (transformers' repeat_kv order)
     scale = D ** -0.5 if scaling is None else scaling
-    if attention_mask is not None and attention_mask.shape[-1] != Lk:
-        attention_mask = attention_mask[..., :Lk]
-    mask = _additive(attention_mask, query.dtype)
-    if mask is None and Lq > 1 and (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
+    mask = attention_mask
+    if mask is not None:
+        mask = mask[..., :Lk]  # (a static cache's mask may cover more slots)
+        if mask.dtype == torch.bool:
+            mask = additive_mask(mask, query.dtype)
+    elif Lq > 1 and (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
         # as transformers' sdpa: without a mask, causal attention is aligned at the first key (the only case is a
         # prefill into an empty static cache, whose extra slots are unused)
         key, value, Lk = key[:, :, :Lq], value[:, :, :Lq], Lq
-        mask = torch.full((Lq, Lq), torch.finfo(query.dtype).min, dtype=query.dtype, device=query.device).triu_(1)
+        mask = additive_mask(torch.ones(Lq, Lq, dtype=torch.bool, device=query.device).tril(), query.dtype)
     q = query.reshape(B * Hkv, G * Lq, D)  # the G query heads of a key/value head as one matrix
     k, v = key.reshape(B * Hkv, Lk, D), value.reshape(B * Hkv, Lk, value.shape[-1])
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
@@ -170,22 +172,6 @@ class _Attention(torch.autograd.Function):
         dk = _narrow_bmm(ds.transpose(1, 2), qs)
         _POOL.give(ds)
         return dq, dk, dv, None, None, None
-
-
-def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """A bool mask (True: attend) as an additive one (0 / dtype's min), computed once for the layers that share it;
-    float masks are additive already."""
-    global _mask_cache
-    if mask is None or mask.dtype != torch.bool:
-        return mask
-    version = None if mask.is_inference() else mask._version  # (inference tensors have no version counter)
-    if (version is not None and _mask_cache is not None and _mask_cache[0]() is mask and _mask_cache[1] == version
-            and _mask_cache[2].dtype == dtype):
-        return _mask_cache[2]
-    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-    if version is not None:
-        _mask_cache = (weakref.ref(mask), version, additive)
-    return additive
 
 
 def _register() -> None:

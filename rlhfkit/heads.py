@@ -16,8 +16,7 @@ import torch
 
 from rlhfkit.config import ModelConfig
 from rlhfkit.data.collate import position_ids_from_mask
-from rlhfkit.attention import use_small_attention
-from rlhfkit.models import _from_pretrained, disable_dropout, fuse_activations, pick_dtype, resolve_model_name
+from rlhfkit.models import _from_pretrained, pick_dtype, prepare_loaded, resolve_model_name
 
 
 def head_of(model: Any) -> torch.nn.Linear:
@@ -42,9 +41,7 @@ def load_scalar_model(cfg: ModelConfig, device: torch.device, name: str | None =
     path = resolve_model_name(name or cfg.name)
     model = _from_pretrained(AutoModelForSequenceClassification, path, "model.name", num_labels=1,
                              dtype=pick_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code)
-    disable_dropout(model)
-    fuse_activations(model)
-    use_small_attention(model)
+    prepare_loaded(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = 0  # only read by HF's own pooling, which we never use
     head = head_of(model)

@@ -139,6 +139,13 @@ def fuse_activations(model: torch.nn.Module) -> int:
     return swapped
 
 
+def prepare_loaded(model: torch.nn.Module) -> None:
+    """What every model rlhfkit loads gets: dropout off, GPT-2's GELU as one kernel, small-head attention."""
+    disable_dropout(model)
+    fuse_activations(model)
+    use_small_attention(model)
+
+
 def load_causal_lm(cfg: ModelConfig, device: torch.device, name: str | None = None, key: str = "") -> Any:
     """AutoModelForCausalLM from `name` (default cfg.name), dropout off, on `device` in cfg.dtype. Errors name `key`,
     the config key that gave the model (default: model.reference for a `name`, else model.name)."""
@@ -148,9 +155,7 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device, name: str | None = No
     key = key or ("model.reference" if name else "model.name")
     model = _from_pretrained(AutoModelForCausalLM, path, key, dtype=pick_dtype(cfg.dtype, device),
                              trust_remote_code=cfg.trust_remote_code)
-    disable_dropout(model)
-    fuse_activations(model)
-    use_small_attention(model)
+    prepare_loaded(model)
     model.to(device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
