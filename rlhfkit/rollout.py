@@ -357,7 +357,11 @@ class _Proj:
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None, rows: int):
         """w (out, in), b (out,) or None; rows: the typical N (a hint for the blocked layout)."""
         self.b = b
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows) if _packable(w) else None
+        if _packable(w):  # a transposed view (GPT-2's Conv1D) is read in place: the reorder takes any strides
+            plain = w.is_contiguous() or w.t().is_contiguous()
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w if plain else w.contiguous(), rows)
+        else:
+            self.packed = None
         self.w_t = None if self.packed is not None else w.t()
 
     def __call__(self, x: torch.Tensor, post: tuple[str, str] | None = None, act: Callable | None = None

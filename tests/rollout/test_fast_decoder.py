@@ -278,6 +278,11 @@ def test_prepacked_projections_equal_naive_with_fused_post_ops():
     torch.testing.assert_close(proj(x, ("gelu", "tanh"), tanh), tanh(ref), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(proj.add(x, h), h + ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(proj(torch.randn(37, 256, generator=g)).shape, torch.Size([37, 1024]))
+    # GPT-2's Conv1D weight is (in, out): its transposed view is packed in place, other strides after a copy
+    conv1d = w.t().contiguous()
+    torch.testing.assert_close(_Proj(conv1d.t(), b, rows=8)(x), ref, rtol=1e-5, atol=1e-4)
+    wide = torch.randn(1024, 512, generator=g)
+    torch.testing.assert_close(_Proj(wide[:, ::2], None, rows=8)(x), x @ wide[:, ::2].t(), rtol=1e-5, atol=1e-4)
     small = _Proj(w[:64, :64], None, rows=8)  # below PACK_MIN_WEIGHTS: plain addmm
     assert small.packed is None
     torch.testing.assert_close(small(x[:, :64]), x[:, :64] @ w[:64, :64].t())
