@@ -206,10 +206,12 @@ def orchestrate(args: argparse.Namespace) -> None:
     if trl_version is None and any(PAIRS.get(t, ("", ""))[1] == "trl" for t in tasks):
         raise SystemExit("trl is not importable: run `bash bench/setup_env.sh` and use bench/.venv/bin/python")
     meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_start": os.getloadavg(), "cpus": os.cpu_count(),
-            "cpu": _cpu_name(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "caches": _caches(),
+            "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": trl_version, "threads": args.threads,
             "rounds": args.rounds, "command": " ".join(sys.argv)}
-    print(f"# {meta['started']}  load {meta['load_start'][0]:.1f}  {meta['cpu']} x{meta['cpus']}  torch {meta['torch']}"
+    print(f"# {meta['started']}  load {meta['load_start'][0]:.1f}  {meta['cpu']} x{meta['cpus']} "
+          f"({meta['cpu_capability']}; {meta['caches']})  torch {meta['torch']}"
           f"  transformers {meta['transformers']}  trl {trl_version}  threads {args.threads}", flush=True)
     peaks = [spawn("peak", "torch", "-", args)]
     print(f"peak: {peaks[-1]['gflops_wall']:.0f} GFLOP/s wall, {peaks[-1]['gflops_per_cpu_s']:.0f} GFLOP/CPU-s",
@@ -223,9 +225,10 @@ def orchestrate(args: argparse.Namespace) -> None:
                 for impl in (a, b):  # A B A B ...: both sides see the same drift of the machine's load
                     res = spawn(task, impl, model, args)
                     runs[impl].append(res)
-                    print(f"{task:<8} {model:<12} round {rnd} {impl:<8} median step {statistics.median(res['wall']):.3f}"
-                          f" s wall, {statistics.median(res['cpu']):.3f} s CPU, RSS {res['rss_mb']:.0f} MB, load "
-                          f"{res['load_start']:.1f} ({res['seconds']:.0f} s)", flush=True)
+                    print(f"{task:<8} {model:<12} round {rnd} {impl:<8} median step "
+                          f"{statistics.median(res['wall']):.3f} s wall, {statistics.median(res['cpu']):.3f} s CPU, "
+                          f"RSS {res['rss_mb']:.0f} MB, load {res['load_start']:.1f} ({res['seconds']:.0f} s)",
+                          flush=True)
             peaks.append(spawn("peak", "torch", "-", args))
             peak = {k: statistics.median(p[k] for p in peaks) for k in ("gflops_wall", "gflops_per_cpu_s")}
             rows.append(summarize(task, model, runs, peak))
@@ -243,9 +246,32 @@ def orchestrate(args: argparse.Namespace) -> None:
 def report(result: dict) -> str:
     m = result["meta"]
     return (f"\n## rlhfkit vs baselines, {m['started']}, load average {m['load_start'][0]:.1f} at start, "
-            f"{m['load_end'][0]:.1f} at end; {m['cpu']} x{m['cpus']}, {m['threads']} torch threads; torch "
+            f"{m['load_end'][0]:.1f} at end; {m['cpu']} x{m['cpus']}{_host(m)}, {m['threads']} torch threads; "
+            f"torch "
             f"{m['torch']}, transformers {m['transformers']}, trl {m['trl']}; {m['rounds']} rounds A B\n\n"
             + fmt_table(result["rows"], result.get("peak")))
+
+
+def _host(meta: dict) -> str:
+    """' (AVX2; L2 512K, L3 32768K)' where the run recorded it (runs before T did not)."""
+    if "cpu_capability" not in meta:
+        return ""
+    return f" ({meta['cpu_capability']}; {meta['caches']})"
+
+
+def _caches() -> str:
+    """L2 and L3 sizes of CPU 0 as Linux reports them ('L2 1024K, L3 32768K'), or '' where unreadable. Figures of
+    the suite depend on the host: the lean paths of rlhfkit are bound by small products and per-op overhead, which
+    vary more between CPUs than TRL's Python overhead does (docs/benchmarks.md, run T)."""
+    out = []
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind = (index / "level").read_text().strip(), (index / "type").read_text().strip()
+            if level in ("2", "3") and kind in ("Unified", "Data"):
+                out.append(f"L{level} {(index / 'size').read_text().strip()}")
+        except OSError:
+            continue
+    return ", ".join(out)
 
 
 def _cpu_name() -> str:

@@ -109,17 +109,17 @@ def decoder_for(model: Any, batch: int, reuse: bool = False) -> FastDecoder:
     """A FastDecoder for model. reuse=False: a new one, kept nowhere. reuse=True: the one a previous reuse call
     kept, if the key below is unchanged, else a new one, kept for the next call.
 
-    Building folds and prepacks every weight matrix: about a third of a short `sample()` call on the benchmark's
-    GPT-2 (20 of 60 ms for 8 x 32 tokens, mostly page faults on the fresh copies), paid again by every call of a
-    generation loop on fixed weights. The key is each parameter's address and version counter (a new tensor,
-    .to(), load_state_dict, copy_ or any in-place torch op changes it) and, for a model with trainable weights,
-    the number of torch optimizer steps taken in the process (fused AdamW updates weights without bumping their
-    version counters; a frozen model, such as the RL trainers' reference (`rl.frozen_decoder`), is not rebuilt
-    by the policy's steps). Changes made
-    through `.data` are not seen: reuse is a promise by the caller that it makes none. Models with PEFT LoRA layers
-    (an adapter can be switched off without a weight changing) and those above DECODER_REUSE_MAX_BYTES are never
-    kept. A kept decoder holds one folded copy of the weights and the KV buffers of its last call while the model
-    lives, and serves one call at a time (not for sample() calls from several threads at once)."""
+    Building folds and prepacks every weight matrix: a fifth to a third of a short `sample()` call on the
+    benchmark's GPT-2 (18-20 ms of a 60-90 ms call for 8 x 32 tokens, by host; mostly reorders into fresh memory),
+    paid again by every call of a generation loop on fixed weights. The key is each parameter's address and version
+    counter (a new tensor, .to(), load_state_dict, copy_ or any in-place torch op changes it) and, for a model with
+    trainable weights, the number of torch optimizer steps taken in the process (fused AdamW updates weights without
+    bumping their version counters; a frozen model, such as the RL trainers' reference (`rl.frozen_decoder`), is not
+    rebuilt by the policy's steps). Changes made through `.data` are not seen: reuse is a promise by the caller that
+    it makes none. Models with PEFT LoRA layers (an adapter can be switched off without a weight changing) and those
+    above DECODER_REUSE_MAX_BYTES are never kept. A kept decoder holds one folded copy of the weights and the KV
+    buffers of its last call while the model lives, and serves one call at a time (not for sample() calls from
+    several threads at once)."""
     if not reuse:
         return FastDecoder(model, batch)
     params = list(model.parameters())
