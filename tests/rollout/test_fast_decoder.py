@@ -331,6 +331,46 @@ def test_gpt2_large_enough_to_prepack_equals_hf_and_thread_count_does_not_change
     assert one.completion_ids == mixed.completion_ids == two.completion_ids
 
 
+@pytest.mark.parametrize("kind", ["stories260k", "llama-gqa", "qwen2-bias", "gpt2", "gpt2-packed", "unknown-act"])
+def test_scripted_decode_step_samples_exactly_like_the_eager_step(stories, kind, monkeypatch):
+    """On CPU float32 the decode step's layers run as the TorchScript-compiled rollout._decode_layers: the same
+    tokens and bit-identical sampling log-probs as the eager FastDecoder._step, with GQA, q/k/v biases, GPT-2
+    LayerNorm + fused GELU, prepacked weights; an activation it does not implement keeps the eager step."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if kind == "stories260k":
+        model = stories
+    elif kind in ("gpt2-packed", "unknown-act"):
+        torch.manual_seed(3)
+        act = "gelu_new" if kind == "gpt2-packed" else "gelu_fast"  # gelu_fast: not in rollout._SCRIPT_ACTS
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=128, n_embd=256, n_layer=2, n_head=4,
+                                           bos_token_id=2, eos_token_id=2, activation_function=act))
+        M.disable_dropout(model)
+        model.eval()
+    else:
+        model = tiny_model(kind)
+    dec = FastDecoder(model, batch=5)
+    assert (dec._script_args is None) == (kind == "unknown-act")
+    assert rollout._scripted_layers() is not None
+    if kind == "gpt2-packed" and torch.backends.mkldnn.is_available():
+        assert all(dec._script_args[3])  # every projection prepacked
+    compiled = []
+    original = rollout._scripted_layers
+    monkeypatch.setattr(rollout, "_scripted_layers", lambda: compiled.append(1) or original())
+    vocab = model.config.vocab_size
+    prompts = random_prompts(5, vocab, seed=7)
+    gen = GenConfig(max_new_tokens=12, min_new_tokens=4, temperature=1.0, batch_size=5, backend="fast")
+    monkeypatch.setattr(rollout, "DECODE_ONE_THREAD_FLOPS", 0)  # no thread tuning: MKL's sums follow the count
+    runs = {}
+    for scripted in (True, False):
+        monkeypatch.setattr(rollout, "SCRIPTED_DECODE", scripted)
+        compiled.clear()
+        runs[scripted] = sample(model, TOK, prompts, gen, seed=11)
+        assert bool(compiled) == (scripted and kind != "unknown-act")  # the scripted layers ran (or not)
+    assert runs[True].completion_ids == runs[False].completion_ids
+    assert runs[True].logprobs == runs[False].logprobs
+
+
 @pytest.mark.parametrize("kind", ["stories", "llama-gqa", "gpt2"])
 def test_half_precision_decoder_scores_like_the_training_forward(stories, kind):
     """bf16 weights: the decoder runs (attention softmax in fp32, as HF does) and its sampling log-probs agree
