@@ -9,7 +9,8 @@ Two backends (`gen.backend`):
   lean decode loop in this file on the model's own weights with a preallocated KV cache. Small models on CPU spend
   most of HF `generate()`'s time in per-step Python (modules, cache objects, mask building, logits processors);
   here a step is ~20 tensor calls per layer on prepacked weights (on CPU in float32 one TorchScript function,
-  `_decode_layers`), and small steps run on one thread (see `FastDecoder`). `bench/bench_rollout.py` and `bench/suite.py` measure it.
+  `_decode_layers`), and small steps run on one thread (see `FastDecoder`). `bench/bench_rollout.py` and
+  `bench/suite.py` measure it.
 - `hf`: transformers `generate()`, for every other architecture (`auto` falls back to it).
 
 Both return, per generated token, log p(token) under softmax(logits / temperature) of the *unfiltered*
@@ -317,13 +318,23 @@ def _rotate_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return torch.cat([-heads[:, 1:], heads[:, :1]], 1).flatten(0, 2)
 
 
+_ACTS = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+         "gelu_pytorch_tanh": "gelu_tanh"}
+"""MLP activations the decoder implements itself: config name -> canonical name (`_act`, `_decode_layers`)."""
+_ACT_FNS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
+            "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+_ONEDNN_POST = {"silu": ("swish", ""), "relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+"""Canonical activation name -> oneDNN post-op (attr, algorithm), applied inside a prepacked product."""
+
+
 def _fn_act(name: str, module: Any) -> tuple[Callable, tuple[str, str] | None]:
     """The activation as a plain function (an nn.Module call costs a few microseconds per step), and its name as a
-    oneDNN post-op (attr, algorithm) when the projection before it can apply it in the same kernel."""
-    tanh = (lambda x: F.gelu(x, approximate="tanh"), ("gelu", "tanh"))
-    table = {"silu": (F.silu, ("swish", "")), "swish": (F.silu, ("swish", "")), "relu": (F.relu, ("relu", "")),
-             "gelu": (F.gelu, ("gelu", "none")), "gelu_new": tanh, "gelu_pytorch_tanh": tanh}
-    return table.get(name, (module, None))
+    oneDNN post-op (attr, algorithm) when the projection before it can apply it in the same kernel; an activation
+    not in _ACTS: the model's module, no post-op."""
+    canonical = _ACTS.get(name)
+    if canonical is None:
+        return module, None
+    return _ACT_FNS[canonical], _ONEDNN_POST[canonical]
 
 
 def _bias(biases: list, weights: list) -> torch.Tensor | None:
@@ -477,14 +488,8 @@ DECODE_RETUNE_EVERY = 16
 _TUNED_THREADS: dict[tuple, list[int]] = {}  # (model kind, step FLOPs, batch, threads) -> [choice, calls since]
 
 
-_SCRIPT_ACTS = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-                "gelu_pytorch_tanh": "gelu_tanh"}
-"""MLP activations (config name -> name in _decode_layers) the scripted decode step implements."""
-_ONEDNN_POST = {"": ("none", ""), "silu": ("swish", ""), "relu": ("relu", ""), "gelu": ("gelu", "none"),
-                "gelu_tanh": ("gelu", "tanh")}
-
-
 def _act(x: torch.Tensor, name: str) -> torch.Tensor:
+    """_ACT_FNS[name](x) in a form TorchScript compiles; x itself for any other name."""
     if name == "silu":
         return F.silu(x)
     if name == "relu":
@@ -537,29 +542,24 @@ def _decode_layers(h: torch.Tensor, t: int, n_heads: int, n_kv: int, head_dim: i
     step_mask = mask.narrow(2, 0, t + 1)
     for i in range(len(k_w)):
         j = 4 * i
-        if sin is None:
-            x = F.layer_norm(h, [width], norms[j], norms[j + 1], eps)
-            parts = _proj(x, ws[j], bs[j], packed[j], "", "none", "").view(n, -1, head_dim).split_with_sizes(
-                split_sizes, 1)
+        x = F.layer_norm(h, [width], norms[j], norms[j + 1], eps) if sin is None else F.rms_norm(h, [width], None, eps)
+        parts = _proj(x, ws[j], bs[j], packed[j], "", "none", "").view(n, -1, head_dim).split_with_sizes(split_sizes, 1)
+        if sin is None:  # [q; k; v]
             q, v = parts[0], parts[2]
             k_w[i].select(3, t).copy_(parts[1])
-        else:
-            x = F.rms_norm(h, [width], None, eps)
-            parts = _proj(x, ws[j], bs[j], packed[j], "", "none", "").view(n, -1, head_dim).split_with_sizes(
-                split_sizes, 1)
-            q = torch.addcmul(parts[0] * cos, parts[2], sin)
+        else:  # [q; k; rot(q); rot(k); v]
+            q, v = torch.addcmul(parts[0] * cos, parts[2], sin), parts[4]
             torch.addcmul(parts[1] * cos, parts[3], sin, out=k_w[i].select(3, t))
-            v = parts[4]
         v_w[i].select(2, t).copy_(v)
         scores = torch.baddbmm(step_mask, q.reshape(n * n_kv, group, head_dim), keys[i].narrow(2, 0, t + 1))
         a = torch.bmm(torch.softmax(scores, -1), values[i].narrow(1, 0, t + 1))
         h = _proj_add(a.view(n, n_heads * head_dim), h, ws[j + 1], bs[j + 1], packed[j + 1])
-        if sin is None:
+        if sin is None:  # plain MLP, act fused into fc_in
             x = _proj(F.layer_norm(h, [width], norms[j + 2], norms[j + 3], eps), ws[j + 2], bs[j + 2], packed[j + 2],
                       act, attr, algo)
-        else:
-            gate_up = _proj(F.rms_norm(h, [width], None, eps), ws[j + 2], bs[j + 2], packed[j + 2], "", "none", "")
-            gate, up = gate_up.chunk(2, dim=-1)
+        else:  # gated MLP
+            gate, up = _proj(F.rms_norm(h, [width], None, eps), ws[j + 2], bs[j + 2], packed[j + 2], "", "none",
+                             "").chunk(2, dim=-1)
             x = _act(gate, act).mul_(up)
         h = _proj_add(x, h, ws[j + 3], bs[j + 3], packed[j + 3])
     return h
@@ -640,7 +640,7 @@ class FastDecoder:
         self.split_sizes = [Hq, Hkv, Hkv] if self.kind == "gpt2" else [Hq, Hkv, Hq, Hkv, Hkv]
         self.step_flops = 2 * sum(p.numel() for p in inner.parameters() if p.dim() == 2)  # per row, about
         self._buffers: dict[str, torch.Tensor] = {}  # KV caches generate() reuses across its calls (_caches)
-        act = _SCRIPT_ACTS.get(cfg.activation_function if self.kind == "gpt2" else cfg.hidden_act)
+        act = _ACTS.get(cfg.activation_function if self.kind == "gpt2" else cfg.hidden_act)
         self._script_args = None  # the layer weights as _decode_layers takes them, where it applies
         if self.device.type == "cpu" and self.dtype == torch.float32 and act is not None:
             projs = [p for ly in self.layers for p in (ly.qkv, ly.o, ly.fc_in, ly.fc_out)]
@@ -745,12 +745,12 @@ class FastDecoder:
         return valid.flatten().nonzero().squeeze(1)
 
     def _step(self, tok: torch.Tensor, t: int, caches: list, mask: torch.Tensor, cos: torch.Tensor,
-              sin: torch.Tensor | None, cache_lists: list | None = None) -> torch.Tensor:
+              sin: torch.Tensor | None, cache_lists: list) -> torch.Tensor:
         """One new token per row, tok (B,), stored in cache slot t; mask: additive (B*Hkv, 1, slots), read up to
         slot t; cos/sin: this step's RoPE rows (B, 1, D) (GPT-2: cos = its position embeddings (B, H), sin None).
         Logits (B, V). cache_lists: caches unzipped into 4 lists (k_w, keys, v_w, values), made once per call.
         On CPU in float32 the layers run as the TorchScript-compiled `_decode_layers` (SCRIPTED_DECODE), the
-        same ops as the loop below.
+        same ops as the loop below (`generate` turns TorchScript's graph optimizations off around the call).
 
         Keys are cached transposed, (B*Hkv, D, slots), values as (B*Hkv, slots, D): attention is
         baddbmm(mask, q, keys) -> softmax -> bmm(values) without copies; q head j*G + g uses kv head j (HF
@@ -762,9 +762,8 @@ class FastDecoder:
             h = h + cos
         scripted = _scripted_layers() if SCRIPTED_DECODE and self._script_args is not None else None
         if scripted is not None:
-            with torch.jit.optimized_execution(False):
-                h = scripted(h, t, Hq, Hkv, D, self.eps, *self._script_args, self.split_sizes,
-                             *(cache_lists or [list(c) for c in zip(*caches)]), mask, cos, sin)
+            h = scripted(h, t, Hq, Hkv, D, self.eps, *self._script_args, self.split_sizes, *cache_lists, mask, cos,
+                         sin)
             return self.lm_head(self._norm(h, self.norm_f))
         mask = mask.narrow(2, 0, t + 1)
         for ly, (k_w, keys, v_w, values) in zip(self.layers, caches):
@@ -873,8 +872,9 @@ class FastDecoder:
         if any(len(p) == 0 for p in prompts):
             raise UserError("sampling: a prompt encodes to zero tokens")
         threads = torch.get_num_threads()
-        try:
-            return self._generate(prompts, gen, eos, pad)
+        try:  # the scripted decode step (_decode_layers) runs its ops as written: no graph rewrites (thread-local)
+            with torch.jit.optimized_execution(False):
+                return self._generate(prompts, gen, eos, pad)
         finally:
             torch.set_num_threads(threads)
 

@@ -342,7 +342,7 @@ def test_scripted_decode_step_samples_exactly_like_the_eager_step(stories, kind,
         model = stories
     elif kind in ("gpt2-packed", "unknown-act"):
         torch.manual_seed(3)
-        act = "gelu_new" if kind == "gpt2-packed" else "gelu_fast"  # gelu_fast: not in rollout._SCRIPT_ACTS
+        act = "gelu_new" if kind == "gpt2-packed" else "gelu_fast"  # gelu_fast: not in rollout._ACTS
         model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=128, n_embd=256, n_layer=2, n_head=4,
                                            bos_token_id=2, eos_token_id=2, activation_function=act))
         M.disable_dropout(model)
