@@ -36,6 +36,7 @@ from typing import Any, List, Optional
 import torch
 import torch.nn.functional as F
 
+from rlhfkit import kernels
 from rlhfkit.config import GenConfig
 from rlhfkit.core import gather_logprobs
 from rlhfkit.data.collate import additive_mask, causal_padding_allowed, pad_sequences, position_ids_from_mask
@@ -327,14 +328,14 @@ _ONEDNN_POST = {"silu": ("swish", ""), "relu": ("relu", ""), "gelu": ("gelu", "n
 """Canonical activation name -> oneDNN post-op (attr, algorithm), applied inside a prepacked product."""
 
 
-def _fn_act(name: str, module: Any) -> tuple[Callable, tuple[str, str] | None]:
-    """The activation as a plain function (an nn.Module call costs a few microseconds per step), and its name as a
-    oneDNN post-op (attr, algorithm) when the projection before it can apply it in the same kernel; an activation
-    not in _ACTS: the model's module, no post-op."""
+def _fn_act(name: str, module: Any) -> tuple[Callable, str | None]:
+    """The activation as a plain function (an nn.Module call costs a few microseconds per step) and its canonical
+    name, with which the projection before it may apply it in the same kernel (oneDNN post-op, rlhfkit kernel); an
+    activation not in _ACTS: the model's module, None."""
     canonical = _ACTS.get(name)
     if canonical is None:
         return module, None
-    return _ACT_FNS[canonical], _ONEDNN_POST[canonical]
+    return _ACT_FNS[canonical], canonical
 
 
 def _bias(biases: list, weights: list) -> torch.Tensor | None:
@@ -343,10 +344,18 @@ def _bias(biases: list, weights: list) -> torch.Tensor | None:
     return torch.cat([b if b is not None else w.new_zeros(len(w)) for b, w in zip(biases, weights)])
 
 
+KERNEL_PRODUCTS = True
+"""Whether CPU float32 projections use rlhfkit's compiled product kernel (`rlhfkit.kernels`, built on first use)
+when it is available; False (or no kernel): oneDNN's prepacked products (`PACK_MIN_WEIGHTS`), else addmm."""
+
 PACK_MIN_WEIGHTS = 2 ** 16
-"""Smallest weight matrix (entries) worth prepacking: a oneDNN call costs ~15 us more than addmm, which the saved
-re-packing pays back from about this size on (256 x 256: even with the weights in cache, and ahead once a decode
-step streams all the weights through the cache; measured at batch 8, bench/README.md)."""
+"""Smallest weight matrix (entries) worth prepacking for oneDNN (used without the kernel): a oneDNN call costs ~15 us
+more than addmm, which the saved re-packing pays back from about this size on (256 x 256: even with the weights in
+cache, and ahead once a decode step streams all the weights through the cache; measured at batch 8,
+bench/README.md)."""
+
+MM, ONEDNN, KERNEL = 0, 1, 2
+"""_Proj.kind: addmm on Wᵀ, oneDNN's prepacked product, rlhfkit's kernel (the codes _decode_layers takes)."""
 
 
 def _packable(w: torch.Tensor) -> bool:
@@ -354,40 +363,62 @@ def _packable(w: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
+def _kernel_applies(w: torch.Tensor) -> bool:
+    return KERNEL_PRODUCTS and w.device.type == "cpu" and w.dtype == torch.float32 and kernels.available()
+
+
 class _Proj:
     """y = x @ Wᵀ + b for x (N, in), optionally with a fused activation or residual add.
 
-    On CPU in float32 the weight is reordered once per FastDecoder into oneDNN's blocked layout
-    (torch.ops.mkldnn._reorder_linear_weight, what torch.compile's CPU weight freezing uses): at decode batch sizes
-    (B rows) MKL's sgemm re-packs the whole weight matrix on every call, so the prepacked product is about 1.4x
-    faster with one thread and far steadier with two on a busy machine (bench/README.md); bias, GELU/SiLU/ReLU and
-    the residual add run in the same kernel. Elsewhere (GPU, half precision): addmm on the weight as is.
-    Naive equivalent (tested through FastDecoder == HF): act(x @ w.T + b) and h + x @ w.T + b."""
+    On CPU in float32 the weight is packed once per FastDecoder for rlhfkit's product kernel
+    (`rlhfkit.kernels`, rlhfkit/csrc/small_linear.cpp: panels of 16 output columns; bias and residual add in the
+    kernel, the activation after it). At decode batch sizes it is about 2x faster than oneDNN's prepacked product
+    with two threads on an AVX2 host, and no slower from 32 rows up (bench/bench_host.py). Without the kernel (no
+    compiler, no AVX2, KERNEL_PRODUCTS False), weights of PACK_MIN_WEIGHTS entries or more are reordered into
+    oneDNN's blocked layout (torch.ops.mkldnn._reorder_linear_weight, what torch.compile's CPU weight freezing uses:
+    at decode batch sizes MKL's sgemm re-packs the whole weight on every call, so this is about 1.4x faster with one
+    thread), bias, GELU/SiLU/ReLU and the residual add in the same kernel. Elsewhere (GPU, half precision): addmm
+    on the weight as is. Naive equivalent (tested through FastDecoder == HF): act(x @ w.T + b) and h + x @ w.T + b."""
 
-    __slots__ = ("w_t", "b", "packed")
+    __slots__ = ("w_t", "b", "packed", "kind", "n")
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None, rows: int):
-        """w (out, in), b (out,) or None; rows: the typical N (a hint for the blocked layout)."""
-        self.b = b
-        if _packable(w):  # a transposed view (GPT-2's Conv1D) is read in place: the reorder takes any strides
+        """w (out, in), b (out,) or None; rows: the typical N (a hint for oneDNN's blocked layout)."""
+        self.b, self.n, self.w_t, self.packed = b, w.shape[0], None, None
+        if _kernel_applies(w):  # any strides: GPT-2's Conv1D weight is packed from its transposed view
+            self.kind, self.packed = KERNEL, kernels.pack(w)
+        elif _packable(w):  # a transposed view (GPT-2's Conv1D) is read in place: the reorder takes any strides
             plain = w.is_contiguous() or w.t().is_contiguous()
+            self.kind = ONEDNN
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w if plain else w.contiguous(), rows)
         else:
-            self.packed = None
-        self.w_t = None if self.packed is not None else w.t()
+            self.kind, self.w_t = MM, w.t()
 
-    def __call__(self, x: torch.Tensor, post: tuple[str, str] | None = None, act: Callable | None = None
-                 ) -> torch.Tensor:
-        """act(x @ Wᵀ + b); post is act's oneDNN name (used when prepacked), act the fallback function."""
-        if self.packed is not None:
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight as _decode_layers takes it: packed for the kernel or oneDNN, else Wᵀ."""
+        return self.w_t if self.kind == MM else self.packed
+
+    def __call__(self, x: torch.Tensor, name: str | None = None, act: Callable | None = None) -> torch.Tensor:
+        """act(x @ Wᵀ + b) (act None: none); name: act's canonical name (_ACTS) where it has one, with which the
+        kernel (kernels.ACTS) or oneDNN (_ONEDNN_POST) applies it in the product; else act runs after it."""
+        if self.kind == KERNEL:
+            code = kernels.ACTS.get(name, 0) if name else 0
+            y = kernels.linear(x, self.packed, self.b, None, self.n, code)
+            return y if act is None or code else act(y)
+        if self.kind == ONEDNN:
+            post = _ONEDNN_POST.get(name) if name else None
             attr, algo = post or ("none", "")
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.b, attr, [], algo)
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.b, attr, [], algo)
+            return y if act is None or post else act(y)
         y = torch.mm(x, self.w_t) if self.b is None else torch.addmm(self.b, x, self.w_t)
-        return y if post is None else act(y)
+        return y if act is None else act(y)
 
     def add(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """h + x @ Wᵀ + b: the residual add fused into the product."""
-        if self.packed is not None:
+        if self.kind == KERNEL:
+            return kernels.linear(x, self.packed, self.b, h, self.n)
+        if self.kind == ONEDNN:
             return torch.ops.mkldnn._linear_pointwise.binary(x, h, self.packed, self.b, "add")
         out = torch.addmm(h, x, self.w_t)
         return out if self.b is None else out.add_(self.b)
@@ -408,8 +439,8 @@ class _Layer:
     """gate and up stacked (gated MLP), or c_fc."""
     fc_out: _Proj
     act: Callable
-    post: tuple[str, str] | None
-    """act as a oneDNN post-op of fc_in (non-gated MLPs), or None."""
+    post: str | None
+    """act's canonical name when fc_in may apply it in its product (non-gated MLPs, act in _ACTS), else None."""
 
 
 def _llama_layers(inner: Any, n_heads: int, n_kv: int, rows: int) -> list[_Layer]:
@@ -501,20 +532,37 @@ def _act(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
-def _proj(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], packed: bool, act: str, attr: str,
+def _kernel_act(name: str) -> int:
+    """kernels.ACTS[name] in a form TorchScript compiles; 0 (none) for any other name."""
+    if name == "relu":
+        return 1
+    if name == "gelu_tanh":
+        return 2
+    if name == "silu":
+        return 3
+    return 0
+
+
+def _proj(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], kind: int, n: int, act: str, attr: str,
           algo: str) -> torch.Tensor:
-    """_Proj.__call__: act(x @ Wᵀ + b); w is the oneDNN-packed weight (packed) or Wᵀ; attr/algo: act as a oneDNN
-    post-op."""
-    if packed:
+    """_Proj.__call__: act(x @ Wᵀ + b); w is _Proj.weight for its kind (KERNEL 2, ONEDNN 1, MM 0), n the output
+    width; attr/algo: act as a oneDNN post-op."""
+    if kind == 2:
+        code = _kernel_act(act)
+        y = torch.ops.rlhfkit.small_linear(x, w, b, None, n, code)
+        return y if code != 0 else _act(y, act)
+    if kind == 1:
         return torch.ops.mkldnn._linear_pointwise(x, w, b, attr, [], algo)
     y = torch.mm(x, w) if b is None else torch.addmm(b, x, w)
     return _act(y, act)
 
 
-def _proj_add(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], packed: bool
+def _proj_add(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], kind: int, n: int
               ) -> torch.Tensor:
     """_Proj.add: h + x @ Wᵀ + b."""
-    if packed:
+    if kind == 2:
+        return torch.ops.rlhfkit.small_linear(x, w, b, h, n)
+    if kind == 1:
         return torch.ops.mkldnn._linear_pointwise(x, h, w, b, "add")
     out = torch.addmm(h, x, w)
     return out if b is None else out.add_(b)
@@ -522,7 +570,7 @@ def _proj_add(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: Optional[tor
 
 def _decode_layers(h: torch.Tensor, t: int, n_heads: int, n_kv: int, head_dim: int, eps: float,
                    norms: List[torch.Tensor], ws: List[torch.Tensor], bs: List[Optional[torch.Tensor]],
-                   packed: List[bool], act: str, attr: str, algo: str, split_sizes: List[int],
+                   kinds: List[int], ns: List[int], act: str, attr: str, algo: str, split_sizes: List[int],
                    k_w: List[torch.Tensor], keys: List[torch.Tensor], v_w: List[torch.Tensor],
                    values: List[torch.Tensor], mask: torch.Tensor, cos: torch.Tensor, sin: Optional[torch.Tensor]
                    ) -> torch.Tensor:
@@ -532,7 +580,7 @@ def _decode_layers(h: torch.Tensor, t: int, n_heads: int, n_kv: int, head_dim: i
     benchmark's gpt2 103 -> 95 ms, medians of 37 alternating calls on an AVX2 host). The same ops in the same
     order as the eager `_step`, run without TorchScript's graph optimizations (with them, a tiny GPT-2's biased
     products changed in their last bits): samples and log-probs are bit-identical (tested). Layer i's projections
-    are ws/bs/packed[4i .. 4i+3] = qkv, o, fc_in, fc_out; norms holds GPT-2's LayerNorm (weight, bias) x 2 per
+    are ws/bs/kinds/ns[4i .. 4i+3] = qkv, o, fc_in, fc_out; norms holds GPT-2's LayerNorm (weight, bias) x 2 per
     layer and is empty for Llama (RMSNorm, weights folded); sin is None for GPT-2 (no RoPE, plain MLP with act
     fused into fc_in) and given for Llama (gated MLP). mask: the full additive step mask (B*Hkv, 1, slots),
     narrowed here to slot t."""
@@ -543,7 +591,8 @@ def _decode_layers(h: torch.Tensor, t: int, n_heads: int, n_kv: int, head_dim: i
     for i in range(len(k_w)):
         j = 4 * i
         x = F.layer_norm(h, [width], norms[j], norms[j + 1], eps) if sin is None else F.rms_norm(h, [width], None, eps)
-        parts = _proj(x, ws[j], bs[j], packed[j], "", "none", "").view(n, -1, head_dim).split_with_sizes(split_sizes, 1)
+        qkv = _proj(x, ws[j], bs[j], kinds[j], ns[j], "", "none", "")
+        parts = qkv.view(n, -1, head_dim).split_with_sizes(split_sizes, 1)
         if sin is None:  # [q; k; v]
             q, v = parts[0], parts[2]
             k_w[i].select(3, t).copy_(parts[1])
@@ -553,15 +602,15 @@ def _decode_layers(h: torch.Tensor, t: int, n_heads: int, n_kv: int, head_dim: i
         v_w[i].select(2, t).copy_(v)
         scores = torch.baddbmm(step_mask, q.reshape(n * n_kv, group, head_dim), keys[i].narrow(2, 0, t + 1))
         a = torch.bmm(torch.softmax(scores, -1), values[i].narrow(1, 0, t + 1))
-        h = _proj_add(a.view(n, n_heads * head_dim), h, ws[j + 1], bs[j + 1], packed[j + 1])
+        h = _proj_add(a.view(n, n_heads * head_dim), h, ws[j + 1], bs[j + 1], kinds[j + 1], ns[j + 1])
         if sin is None:  # plain MLP, act fused into fc_in
-            x = _proj(F.layer_norm(h, [width], norms[j + 2], norms[j + 3], eps), ws[j + 2], bs[j + 2], packed[j + 2],
-                      act, attr, algo)
+            x = _proj(F.layer_norm(h, [width], norms[j + 2], norms[j + 3], eps), ws[j + 2], bs[j + 2], kinds[j + 2],
+                      ns[j + 2], act, attr, algo)
         else:  # gated MLP
-            gate, up = _proj(F.rms_norm(h, [width], None, eps), ws[j + 2], bs[j + 2], packed[j + 2], "", "none",
-                             "").chunk(2, dim=-1)
+            gate, up = _proj(F.rms_norm(h, [width], None, eps), ws[j + 2], bs[j + 2], kinds[j + 2],
+                             ns[j + 2], "", "none", "").chunk(2, dim=-1)
             x = _act(gate, act).mul_(up)
-        h = _proj_add(x, h, ws[j + 3], bs[j + 3], packed[j + 3])
+        h = _proj_add(x, h, ws[j + 3], bs[j + 3], kinds[j + 3], ns[j + 3])
     return h
 
 
@@ -573,6 +622,7 @@ def _scripted_layers() -> Callable | None:
     TorchScript: the eager step runs instead). torch.jit.script warns that it is deprecated; the warning is
     silenced here, as nothing is saved or exported, and the fallback keeps every path working without it."""
     if not _SCRIPTED:
+        kernels.available()  # registers torch.ops.rlhfkit.small_linear (the kernel, or a stand-in), which it names
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -645,8 +695,8 @@ class FastDecoder:
         if self.device.type == "cpu" and self.dtype == torch.float32 and act is not None:
             projs = [p for ly in self.layers for p in (ly.qkv, ly.o, ly.fc_in, ly.fc_out)]
             norms = [] if self.kind != "gpt2" else [x for ly in self.layers for x in (*ly.norm1, *ly.norm2)]
-            self._script_args = (norms, [p.packed if p.packed is not None else p.w_t for p in projs],
-                                 [p.b for p in projs], [p.packed is not None for p in projs], act,
+            self._script_args = (norms, [p.weight for p in projs], [p.b for p in projs], [p.kind for p in projs],
+                                 [p.n for p in projs], act,
                                  *_ONEDNN_POST[act])
 
     def _norm(self, x: torch.Tensor, norm: tuple | None) -> torch.Tensor:

@@ -262,29 +262,36 @@ def test_sample_next_ban_renormalises_the_rest_and_scores_unfiltered():
     assert torch.isfinite(lp).all() and (lp < -199).all()
 
 
-def test_prepacked_projections_equal_naive_with_fused_post_ops():
-    """_Proj (oneDNN prepacked weights on CPU float32): act(x Wᵀ + b) and h + x Wᵀ + b equal the plain products."""
-    from rlhfkit.rollout import _Proj
+@pytest.mark.parametrize("kernel", [True, False])
+def test_prepacked_projections_equal_naive_with_fused_post_ops(kernel, monkeypatch):
+    """_Proj on CPU float32 (rlhfkit's kernel; without it oneDNN's prepacked weights, small ones plain addmm):
+    act(x Wᵀ + b) and h + x Wᵀ + b equal the plain products; an activation without a oneDNN post-op is applied
+    after the product (it used to be dropped)."""
+    from rlhfkit import kernels
+    from rlhfkit import rollout as R
 
+    monkeypatch.setattr(R, "KERNEL_PRODUCTS", kernel)
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(1024, 256, generator=g), torch.randn(1024, generator=g)
     x, h = torch.randn(8, 256, generator=g), torch.randn(8, 1024, generator=g)
-    proj = _Proj(w, b, rows=8)
-    if torch.backends.mkldnn.is_available():
-        assert proj.packed is not None
+    proj = R._Proj(w, b, rows=8)
+    onednn = torch.backends.mkldnn.is_available()
+    expected = R.KERNEL if kernel and kernels.available() else R.ONEDNN if onednn else R.MM
+    assert proj.kind == expected
     ref = x @ w.t() + b
     torch.testing.assert_close(proj(x), ref, rtol=1e-5, atol=1e-4)
     tanh = lambda y: torch.nn.functional.gelu(y, approximate="tanh")  # noqa: E731
     torch.testing.assert_close(proj(x, ("gelu", "tanh"), tanh), tanh(ref), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(proj(x, None, torch.sigmoid), torch.sigmoid(ref), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(proj.add(x, h), h + ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(proj(torch.randn(37, 256, generator=g)).shape, torch.Size([37, 1024]))
     # GPT-2's Conv1D weight is (in, out): its transposed view is packed in place, other strides after a copy
     conv1d = w.t().contiguous()
-    torch.testing.assert_close(_Proj(conv1d.t(), b, rows=8)(x), ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(R._Proj(conv1d.t(), b, rows=8)(x), ref, rtol=1e-5, atol=1e-4)
     wide = torch.randn(1024, 512, generator=g)
-    torch.testing.assert_close(_Proj(wide[:, ::2], None, rows=8)(x), x @ wide[:, ::2].t(), rtol=1e-5, atol=1e-4)
-    small = _Proj(w[:64, :64], None, rows=8)  # below PACK_MIN_WEIGHTS: plain addmm
-    assert small.packed is None
+    torch.testing.assert_close(R._Proj(wide[:, ::2], None, rows=8)(x), x @ wide[:, ::2].t(), rtol=1e-5, atol=1e-4)
+    small = R._Proj(w[:64, :64], None, rows=8)  # below PACK_MIN_WEIGHTS: oneDNN is not worth it, the kernel is
+    assert small.kind == (R.KERNEL if expected == R.KERNEL else R.MM)
     torch.testing.assert_close(small(x[:, :64]), x[:, :64] @ w[:64, :64].t())
 
 
@@ -305,7 +312,7 @@ def test_gpt2_large_enough_to_prepack_equals_hf_and_thread_count_does_not_change
     model.eval()
     dec = FastDecoder(model, batch=6)
     if torch.backends.mkldnn.is_available():
-        assert dec.layers[0].qkv.packed is not None and dec.lm_head.packed is not None
+        assert dec.layers[0].qkv.packed is not None and dec.lm_head.packed is not None  # kernel or oneDNN
     prompts = random_prompts(6, 300, seed=5)
     assert_same_greedy(model, prompts, max_new_tokens=20)
     gen = GenConfig(max_new_tokens=20, temperature=1.0, batch_size=6, backend="fast")
@@ -331,6 +338,20 @@ def test_gpt2_large_enough_to_prepack_equals_hf_and_thread_count_does_not_change
     assert one.completion_ids == mixed.completion_ids == two.completion_ids
 
 
+@pytest.mark.parametrize("n_embd", [64, 256])
+def test_gpt2_activation_the_decoder_does_not_implement_is_still_applied(n_embd):
+    """A GPT-2 whose activation is not in rollout._ACTS (gelu_fast) runs the model's own activation module after
+    fc_in: greedy tokens and log-probs equal HF's (the activation used to be skipped: log-probs off by 0.1-0.3)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(4)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=64, n_embd=n_embd, n_layer=2, n_head=4,
+                                       bos_token_id=2, eos_token_id=2, activation_function="gelu_fast"))
+    M.disable_dropout(model)
+    model.eval()
+    assert_same_greedy(model, random_prompts(4, 300, seed=9), max_new_tokens=16)
+
+
 @pytest.mark.parametrize("kind", ["stories260k", "llama-gqa", "qwen2-bias", "gpt2", "gpt2-packed", "unknown-act"])
 def test_scripted_decode_step_samples_exactly_like_the_eager_step(stories, kind, monkeypatch):
     """On CPU float32 the decode step's layers run as the TorchScript-compiled rollout._decode_layers: the same
@@ -353,7 +374,7 @@ def test_scripted_decode_step_samples_exactly_like_the_eager_step(stories, kind,
     assert (dec._script_args is None) == (kind == "unknown-act")
     assert rollout._scripted_layers() is not None
     if kind == "gpt2-packed" and torch.backends.mkldnn.is_available():
-        assert all(dec._script_args[3])  # every projection prepacked
+        assert all(dec._script_args[3])  # every projection packed (kernel or oneDNN)
     compiled = []
     original = rollout._scripted_layers
     monkeypatch.setattr(rollout, "_scripted_layers", lambda: compiled.append(1) or original())
