@@ -61,8 +61,8 @@ ACTS = {"relu": 1, "gelu_tanh": 2, "silu": 3}
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
            n: int, act: int = 0) -> torch.Tensor:
-    """act(x (rows, in) @ Wᵀ + bias) + residual, (rows, n), for packed = pack(W) of an (n, in) W; act: 0 none or
-    an ACTS code."""
+    """act(x (rows, in) @ Wᵀ + bias) + residual, (rows, n) float32, for packed = pack(W) of an (n, in) W; act: 0
+    none or an ACTS code. A bf16/fp16 x or residual (CPU autocast) is converted: the product is a float32 one."""
     return torch.ops.rlhfkit.small_linear(x, packed, bias, residual, n, act)
 
 
@@ -127,6 +127,7 @@ def _reference_pack(w: torch.Tensor) -> torch.Tensor:
 def _reference_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
                       residual: torch.Tensor | None, n: int, act: int = 0) -> torch.Tensor:
     w_t = packed.transpose(0, 1).reshape(packed.shape[1], -1)[:, :n]  # (in, n)
+    x, residual = x.float(), None if residual is None else residual.float()
     y = x @ w_t if bias is None else torch.addmm(bias, x, w_t)
     y = {0: y, 1: y.relu(), 2: torch.nn.functional.gelu(y, approximate="tanh"), 3: torch.nn.functional.silu(y)}[act]
     return y if residual is None else y + residual

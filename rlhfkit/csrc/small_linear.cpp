@@ -161,9 +161,17 @@ at::Tensor small_linear_pack(const at::Tensor& w) {
   return out;
 }
 
-at::Tensor small_linear(const at::Tensor& x_in, const at::Tensor& packed, const std::optional<at::Tensor>& bias_in,
+// A floating x or residual of another dtype (bf16 activations under CPU autocast) is converted to float32 first:
+// the product is always a float32 one.
+at::Tensor as_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && at::isFloatingType(t.scalar_type()), "rlhfkit small_linear: ", name,
+              " must be a floating-point CPU tensor, got ", t.scalar_type(), " on ", t.device());
+  return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+}
+
+at::Tensor small_linear(const at::Tensor& x_float, const at::Tensor& packed, const std::optional<at::Tensor>& bias_in,
                         const std::optional<at::Tensor>& residual_in, int64_t N, int64_t act) {
-  check_float_cpu(x_in, "x");
+  const at::Tensor x_in = as_float(x_float, "x");
   check_float_cpu(packed, "packed");
   TORCH_CHECK(x_in.dim() == 2, "rlhfkit small_linear: x must be (rows, in), got ", x_in.sizes());
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == NR && packed.is_contiguous() &&
@@ -181,10 +189,10 @@ at::Tensor small_linear(const at::Tensor& x_in, const at::Tensor& packed, const 
     bias = bias_in->contiguous();
   }
   if (residual_in.has_value() && residual_in->defined()) {
-    check_float_cpu(*residual_in, "residual");
-    TORCH_CHECK(residual_in->dim() == 2 && residual_in->size(0) == M && residual_in->size(1) == N,
-                "rlhfkit small_linear: residual must be (", M, ", ", N, "), got ", residual_in->sizes());
-    residual = residual_in->stride(1) == 1 ? *residual_in : residual_in->contiguous();
+    const at::Tensor r = as_float(*residual_in, "residual");
+    TORCH_CHECK(r.dim() == 2 && r.size(0) == M && r.size(1) == N, "rlhfkit small_linear: residual must be (", M,
+                ", ", N, "), got ", r.sizes());
+    residual = r.stride(1) == 1 ? r : r.contiguous();
   }
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;

@@ -80,8 +80,13 @@ def test_plain_torch_stand_in_computes_the_same():
 def test_bad_inputs_are_refused_with_a_message():
     x, w, b, h = _case(4, 32, 20)
     packed = kernels.pack(w)
+    with pytest.raises(RuntimeError, match="floating-point"):
+        kernels.linear(x.long(), packed, b, None, 20)
     with pytest.raises(RuntimeError, match="float32"):
-        kernels.linear(x.double(), packed, b, None, 20)
+        kernels.pack(w.double())
+    # bf16 activations (CPU autocast): converted, a float32 product
+    assert torch.equal(kernels.linear(x.bfloat16(), packed, b, h.bfloat16(), 20),
+                       kernels.linear(x.bfloat16().float(), packed, b, h.bfloat16().float(), 20))
     with pytest.raises(RuntimeError, match="packed must be"):
         kernels.linear(x[:, :16], packed, b, None, 20)
     with pytest.raises(RuntimeError, match="does not fit"):
