@@ -50,20 +50,27 @@ def unavailable_reason() -> str | None:
     return _STATE["reason"]
 
 
-def pack(w: torch.Tensor) -> torch.Tensor:
-    """w (out, in) float32 CPU, any strides -> (ceil(out / 16), in, 16): panels of 16 output columns, k-major."""
-    return torch.ops.rlhfkit.small_linear_pack(w)
+def pack(w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """w (out, in) float32 CPU, any strides -> (ceil(out / 16), in, 16): panels of 16 output columns, k-major;
+    scale (in,): pack w diag(scale) instead (a norm's weight folded in, without a copy of w first)."""
+    return torch.ops.rlhfkit.small_linear_pack(w, scale)
 
 
 ACTS = {"relu": 1, "gelu_tanh": 2, "silu": 3}
 """Activations the kernel applies after the bias: canonical name (rlhfkit.rollout._ACTS) -> its `act` code."""
 
 
+RMS, LAYER = 1, 2
+"""Row normalisations the kernel applies to x first (`norm`): RMSNorm and LayerNorm, without their weights (fold
+them into W and the bias)."""
+
+
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-           n: int, act: int = 0) -> torch.Tensor:
-    """act(x (rows, in) @ Wᵀ + bias) + residual, (rows, n) float32, for packed = pack(W) of an (n, in) W; act: 0
-    none or an ACTS code. A bf16/fp16 x or residual (CPU autocast) is converted: the product is a float32 one."""
-    return torch.ops.rlhfkit.small_linear(x, packed, bias, residual, n, act)
+           n: int, act: int = 0, norm: int = 0, eps: float = 0.0) -> torch.Tensor:
+    """act(norm(x) (rows, in) @ Wᵀ + bias) + residual, (rows, n) float32, for packed = pack(W) of an (n, in) W;
+    act: 0 none or an ACTS code; norm: 0 none, RMS or LAYER (with eps). A bf16/fp16 x or residual (CPU autocast)
+    is converted: the product is a float32 one."""
+    return torch.ops.rlhfkit.small_linear(x, packed, bias, residual, n, act, norm, eps)
 
 
 def _load() -> str | None:
@@ -116,7 +123,8 @@ def _ninja_on_path():
         os.environ["PATH"] = old
 
 
-def _reference_pack(w: torch.Tensor) -> torch.Tensor:
+def _reference_pack(w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    w = w if scale is None else w * scale
     n, k = w.shape
     panels = -(-n // PANEL)
     padded = w.new_zeros(panels * PANEL, k)
@@ -125,9 +133,14 @@ def _reference_pack(w: torch.Tensor) -> torch.Tensor:
 
 
 def _reference_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
-                      residual: torch.Tensor | None, n: int, act: int = 0) -> torch.Tensor:
+                      residual: torch.Tensor | None, n: int, act: int = 0, norm: int = 0, eps: float = 0.0
+                      ) -> torch.Tensor:
     w_t = packed.transpose(0, 1).reshape(packed.shape[1], -1)[:, :n]  # (in, n)
     x, residual = x.float(), None if residual is None else residual.float()
+    if norm == RMS:
+        x = torch.nn.functional.rms_norm(x, x.shape[-1:], None, eps)
+    elif norm == LAYER:
+        x = torch.nn.functional.layer_norm(x, x.shape[-1:], None, None, eps)
     y = x @ w_t if bias is None else torch.addmm(bias, x, w_t)
     y = {0: y, 1: y.relu(), 2: torch.nn.functional.gelu(y, approximate="tanh"), 3: torch.nn.functional.silu(y)}[act]
     return y if residual is None else y + residual
@@ -139,8 +152,9 @@ def _define_reference() -> None:
     if hasattr(torch.ops.rlhfkit, "small_linear"):
         return
     lib = torch.library.Library("rlhfkit", "DEF")
-    lib.define("small_linear_pack(Tensor w) -> Tensor")
-    lib.define("small_linear(Tensor x, Tensor packed, Tensor? bias, Tensor? residual, int n, int act=0) -> Tensor")
+    lib.define("small_linear_pack(Tensor w, Tensor? scale=None) -> Tensor")
+    lib.define("small_linear(Tensor x, Tensor packed, Tensor? bias, Tensor? residual, int n, int act=0, "
+               "int norm=0, float eps=0.0) -> Tensor")
     lib.impl("small_linear_pack", _reference_pack, "CompositeExplicitAutograd")
     lib.impl("small_linear", _reference_linear, "CompositeExplicitAutograd")
     _STATE["lib"] = lib

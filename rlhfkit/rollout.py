@@ -367,8 +367,28 @@ def _kernel_applies(w: torch.Tensor) -> bool:
     return KERNEL_PRODUCTS and w.device.type == "cpu" and w.dtype == torch.float32 and kernels.available()
 
 
+@dataclass(frozen=True)
+class _Norm:
+    """The normalisation a projection applies to its input first: RMSNorm (Llama: its weight is folded into the
+    projection, weight None) or LayerNorm (GPT-2: weight and bias). Called: the eager norm."""
+
+    code: int
+    """kernels.RMS or kernels.LAYER."""
+    eps: float
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """LayerNorm, or RMSNorm x / sqrt(mean(x²) + eps) computed in float32 as HF LlamaRMSNorm does."""
+        if self.code == kernels.LAYER:
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+        return F.rms_norm(x.float(), x.shape[-1:], self.weight, self.eps).to(x.dtype)
+
+
 class _Proj:
-    """y = x @ Wᵀ + b for x (N, in), optionally with a fused activation or residual add.
+    """y = x @ Wᵀ + b for x (N, in), optionally after a norm of x, with a fused activation or residual add.
 
     On CPU in float32 the weight is packed once per FastDecoder for rlhfkit's product kernel
     (`rlhfkit.kernels`, rlhfkit/csrc/small_linear.cpp: panels of 16 output columns; bias and residual add in the
@@ -378,15 +398,26 @@ class _Proj:
     oneDNN's blocked layout (torch.ops.mkldnn._reorder_linear_weight, what torch.compile's CPU weight freezing uses:
     at decode batch sizes MKL's sgemm re-packs the whole weight on every call, so this is about 1.4x faster with one
     thread), bias, GELU/SiLU/ReLU and the residual add in the same kernel. Elsewhere (GPU, half precision): addmm
-    on the weight as is. Naive equivalent (tested through FastDecoder == HF): act(x @ w.T + b) and h + x @ w.T + b."""
+    on the weight as is. Naive equivalent (tested through FastDecoder == HF): act(x @ w.T + b) and h + x @ w.T + b.
 
-    __slots__ = ("w_t", "b", "packed", "kind", "n")
+    norm: the norm before the projection (the block's LayerNorm/RMSNorm, the final norm before the LM head). The
+    kernel normalises the rows itself, with the norm's weight folded into W's columns and its bias into b
+    (x̂ diag(g) Wᵀ + (b + W β)); otherwise the norm runs as its own op first."""
 
-    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, rows: int):
+    __slots__ = ("w_t", "b", "packed", "kind", "n", "norm", "norm_code", "eps")
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, rows: int, norm: _Norm | None = None):
         """w (out, in), b (out,) or None; rows: the typical N (a hint for oneDNN's blocked layout)."""
         self.b, self.n, self.w_t, self.packed = b, w.shape[0], None, None
+        self.norm, self.norm_code, self.eps = norm, 0, 0.0
         if _kernel_applies(w):  # any strides: GPT-2's Conv1D weight is packed from its transposed view
-            self.kind, self.packed = KERNEL, kernels.pack(w)
+            self.kind = KERNEL
+            self.packed = kernels.pack(w, None if norm is None else norm.weight)
+            if norm is not None:
+                if norm.bias is not None:  # b + W β, in float64
+                    shift = (w.double() @ norm.bias.double()).float()
+                    self.b = shift if b is None else b + shift
+                self.norm, self.norm_code, self.eps = None, norm.code, norm.eps
         elif _packable(w):  # a transposed view (GPT-2's Conv1D) is read in place: the reorder takes any strides
             plain = w.is_contiguous() or w.t().is_contiguous()
             self.kind = ONEDNN
@@ -400,12 +431,14 @@ class _Proj:
         return self.w_t if self.kind == MM else self.packed
 
     def __call__(self, x: torch.Tensor, name: str | None = None, act: Callable | None = None) -> torch.Tensor:
-        """act(x @ Wᵀ + b) (act None: none); name: act's canonical name (_ACTS) where it has one, with which the
-        kernel (kernels.ACTS) or oneDNN (_ONEDNN_POST) applies it in the product; else act runs after it."""
+        """act(norm(x) @ Wᵀ + b) (act None: none); name: act's canonical name (_ACTS) where it has one, with which
+        the kernel (kernels.ACTS) or oneDNN (_ONEDNN_POST) applies it in the product; else act runs after it."""
         if self.kind == KERNEL:
             code = kernels.ACTS.get(name, 0) if name else 0
-            y = kernels.linear(x, self.packed, self.b, None, self.n, code)
+            y = kernels.linear(x, self.packed, self.b, None, self.n, code, self.norm_code, self.eps)
             return y if act is None or code else act(y)
+        if self.norm is not None:
+            x = self.norm(x)
         if self.kind == ONEDNN:
             post = _ONEDNN_POST.get(name) if name else None
             attr, algo = post or ("none", "")
@@ -415,9 +448,11 @@ class _Proj:
         return y if act is None else act(y)
 
     def add(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """h + x @ Wᵀ + b: the residual add fused into the product."""
+        """h + norm(x) @ Wᵀ + b: the residual add fused into the product."""
         if self.kind == KERNEL:
-            return kernels.linear(x, self.packed, self.b, h, self.n)
+            return kernels.linear(x, self.packed, self.b, h, self.n, 0, self.norm_code, self.eps)
+        if self.norm is not None:
+            x = self.norm(x)
         if self.kind == ONEDNN:
             return torch.ops.mkldnn._linear_pointwise.binary(x, h, self.packed, self.b, "add")
         out = torch.addmm(h, x, self.w_t)
@@ -428,15 +463,12 @@ class _Proj:
 class _Layer:
     """One block's projections, with weights folded at build time."""
 
-    norm1: tuple | None
-    """LayerNorm (weight, bias) for GPT-2; None for RMSNorm, whose weight is folded into qkv's columns."""
-    norm2: tuple | None
     qkv: _Proj
     """Llama [q, k, rot(q), rot(k), v] (RoPE folded in, see _rotate_rows), GPT-2 [q, k, v]; q rows pre-multiplied
-    by the attention scale 1/sqrt(D)."""
+    by the attention scale 1/sqrt(D); the block's first norm included (RMSNorm weight folded into its columns)."""
     o: _Proj
     fc_in: _Proj
-    """gate and up stacked (gated MLP), or c_fc."""
+    """gate and up stacked (gated MLP), or c_fc; the block's second norm included."""
     fc_out: _Proj
     act: Callable
     post: str | None
@@ -444,7 +476,7 @@ class _Layer:
 
 
 def _llama_layers(inner: Any, n_heads: int, n_kv: int, rows: int) -> list[_Layer]:
-    layers = []
+    layers, rms = [], _Norm(kernels.RMS, inner.config.rms_norm_eps)
     act, _ = _fn_act(inner.config.hidden_act, inner.model.layers[0].mlp.act_fn)
     for blk in inner.model.layers:
         at, mlp = blk.self_attn, blk.mlp
@@ -458,10 +490,10 @@ def _llama_layers(inner: Any, n_heads: int, n_kv: int, rows: int) -> list[_Layer
         # RMSNorm weights folded into the next projection: (x̂ ⊙ g) Wᵀ = x̂ (W diag g)ᵀ
         g1, g2 = blk.input_layernorm.weight, blk.post_attention_layernorm.weight
         layers.append(_Layer(
-            norm1=None, norm2=None,
             qkv=_Proj(torch.cat([wq * s, wk, wqr * s, wkr, wv]) * g1,
-                      _bias([bq, bk, bqr, bkr, bv], [wq, wk, wqr, wkr, wv]), rows),
-            o=_Proj(*_linear(at.o_proj), rows), fc_in=_Proj(torch.cat([wg, wu]) * g2, _bias([bg, bu], [wg, wu]), rows),
+                      _bias([bq, bk, bqr, bkr, bv], [wq, wk, wqr, wkr, wv]), rows, rms),
+            o=_Proj(*_linear(at.o_proj), rows),
+            fc_in=_Proj(torch.cat([wg, wu]) * g2, _bias([bg, bu], [wg, wu]), rows, rms),
             fc_out=_Proj(*_linear(mlp.down_proj), rows), act=act, post=None))
     return layers
 
@@ -476,9 +508,11 @@ def _gpt2_layers(inner: Any, rows: int) -> list[_Layer]:
         scale = torch.ones(wqkv.shape[0], dtype=wqkv.dtype, device=wqkv.device)
         scale[:n] = (n // inner.config.n_head) ** -0.5  # attention scale 1/sqrt(D), folded into the q rows
         wqkv, bqkv = wqkv * scale[:, None], None if bqkv is None else bqkv * scale
-        o, fc_in, fc_out = (_Proj(*_linear(m, conv1d=True), rows) for m in (at.c_proj, mlp.c_fc, mlp.c_proj))
-        layers.append(_Layer(norm1=(blk.ln_1.weight, blk.ln_1.bias), norm2=(blk.ln_2.weight, blk.ln_2.bias),
-                             qkv=_Proj(wqkv, bqkv, rows), o=o, fc_in=fc_in, fc_out=fc_out, act=act, post=post))
+        eps = inner.config.layer_norm_epsilon
+        ln1, ln2 = (_Norm(kernels.LAYER, eps, ln.weight, ln.bias) for ln in (blk.ln_1, blk.ln_2))
+        layers.append(_Layer(qkv=_Proj(wqkv, bqkv, rows, ln1), o=_Proj(*_linear(at.c_proj, conv1d=True), rows),
+                             fc_in=_Proj(*_linear(mlp.c_fc, conv1d=True), rows, ln2),
+                             fc_out=_Proj(*_linear(mlp.c_proj, conv1d=True), rows), act=act, post=post))
     return layers
 
 
@@ -544,13 +578,19 @@ def _kernel_act(name: str) -> int:
 
 
 def _proj(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], kind: int, n: int, act: str, attr: str,
-          algo: str) -> torch.Tensor:
-    """_Proj.__call__: act(x @ Wᵀ + b); w is _Proj.weight for its kind (KERNEL 2, ONEDNN 1, MM 0), n the output
-    width; attr/algo: act as a oneDNN post-op."""
+          algo: str, norm: int, eps: float, gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor]
+          ) -> torch.Tensor:
+    """_Proj.__call__: act(norm(x) @ Wᵀ + b); w is _Proj.weight for its kind (KERNEL 2, ONEDNN 1, MM 0), n the
+    output width; attr/algo: act as a oneDNN post-op; norm: _Norm.code (0: none), applied by the kernel (weights
+    folded) or else here with gamma/beta."""
     if kind == 2:
         code = _kernel_act(act)
-        y = torch.ops.rlhfkit.small_linear(x, w, b, None, n, code)
+        y = torch.ops.rlhfkit.small_linear(x, w, b, None, n, code, norm, eps)
         return y if code != 0 else _act(y, act)
+    if norm == 2:
+        x = F.layer_norm(x, [x.shape[1]], gamma, beta, eps)
+    elif norm == 1:
+        x = F.rms_norm(x, [x.shape[1]], gamma, eps)
     if kind == 1:
         return torch.ops.mkldnn._linear_pointwise(x, w, b, attr, [], algo)
     y = torch.mm(x, w) if b is None else torch.addmm(b, x, w)
@@ -569,8 +609,9 @@ def _proj_add(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: Optional[tor
 
 
 def _decode_layers(h: torch.Tensor, t: int, n_heads: int, n_kv: int, head_dim: int, eps: float,
-                   norms: List[torch.Tensor], ws: List[torch.Tensor], bs: List[Optional[torch.Tensor]],
-                   kinds: List[int], ns: List[int], act: str, attr: str, algo: str, split_sizes: List[int],
+                   ws: List[torch.Tensor], bs: List[Optional[torch.Tensor]], kinds: List[int], ns: List[int],
+                   norms: List[int], gammas: List[Optional[torch.Tensor]], betas: List[Optional[torch.Tensor]],
+                   act: str, attr: str, algo: str, split_sizes: List[int],
                    k_w: List[torch.Tensor], keys: List[torch.Tensor], v_w: List[torch.Tensor],
                    values: List[torch.Tensor], mask: torch.Tensor, cos: torch.Tensor, sin: Optional[torch.Tensor]
                    ) -> torch.Tensor:
@@ -580,18 +621,16 @@ def _decode_layers(h: torch.Tensor, t: int, n_heads: int, n_kv: int, head_dim: i
     benchmark's gpt2 103 -> 95 ms, medians of 37 alternating calls on an AVX2 host). The same ops in the same
     order as the eager `_step`, run without TorchScript's graph optimizations (with them, a tiny GPT-2's biased
     products changed in their last bits): samples and log-probs are bit-identical (tested). Layer i's projections
-    are ws/bs/kinds/ns[4i .. 4i+3] = qkv, o, fc_in, fc_out; norms holds GPT-2's LayerNorm (weight, bias) x 2 per
-    layer and is empty for Llama (RMSNorm, weights folded); sin is None for GPT-2 (no RoPE, plain MLP with act
-    fused into fc_in) and given for Llama (gated MLP). mask: the full additive step mask (B*Hkv, 1, slots),
-    narrowed here to slot t."""
+    are ws/bs/kinds/ns/norms/gammas/betas[4i .. 4i+3] = qkv, o, fc_in, fc_out (`_Proj`: weight, bias, kind,
+    output width, norm code, the norm's weight and bias where it is not folded); sin is None for GPT-2 (no RoPE,
+    plain MLP with act fused into fc_in) and given for Llama (gated MLP). mask: the full additive step mask
+    (B*Hkv, 1, slots), narrowed here to slot t."""
     n = h.shape[0]
-    width = h.shape[1]
     group = n_heads // n_kv
     step_mask = mask.narrow(2, 0, t + 1)
     for i in range(len(k_w)):
         j = 4 * i
-        x = F.layer_norm(h, [width], norms[j], norms[j + 1], eps) if sin is None else F.rms_norm(h, [width], None, eps)
-        qkv = _proj(x, ws[j], bs[j], kinds[j], ns[j], "", "none", "")
+        qkv = _proj(h, ws[j], bs[j], kinds[j], ns[j], "", "none", "", norms[j], eps, gammas[j], betas[j])
         parts = qkv.view(n, -1, head_dim).split_with_sizes(split_sizes, 1)
         if sin is None:  # [q; k; v]
             q, v = parts[0], parts[2]
@@ -604,11 +643,11 @@ def _decode_layers(h: torch.Tensor, t: int, n_heads: int, n_kv: int, head_dim: i
         a = torch.bmm(torch.softmax(scores, -1), values[i].narrow(1, 0, t + 1))
         h = _proj_add(a.view(n, n_heads * head_dim), h, ws[j + 1], bs[j + 1], kinds[j + 1], ns[j + 1])
         if sin is None:  # plain MLP, act fused into fc_in
-            x = _proj(F.layer_norm(h, [width], norms[j + 2], norms[j + 3], eps), ws[j + 2], bs[j + 2], kinds[j + 2],
-                      ns[j + 2], act, attr, algo)
+            x = _proj(h, ws[j + 2], bs[j + 2], kinds[j + 2], ns[j + 2], act, attr, algo, norms[j + 2], eps,
+                      gammas[j + 2], betas[j + 2])
         else:  # gated MLP
-            gate, up = _proj(F.rms_norm(h, [width], None, eps), ws[j + 2], bs[j + 2], kinds[j + 2],
-                             ns[j + 2], "", "none", "").chunk(2, dim=-1)
+            gate, up = _proj(h, ws[j + 2], bs[j + 2], kinds[j + 2], ns[j + 2], "", "none", "", norms[j + 2], eps,
+                             gammas[j + 2], betas[j + 2]).chunk(2, dim=-1)
             x = _act(gate, act).mul_(up)
         h = _proj_add(x, h, ws[j + 3], bs[j + 3], kinds[j + 3], ns[j + 3])
     return h
@@ -673,7 +712,8 @@ class FastDecoder:
             self.eps = cfg.layer_norm_epsilon
             self.embed, self.wpe = inner.transformer.wte.weight, inner.transformer.wpe.weight
             self.layers = _gpt2_layers(inner, batch)
-            self.norm_f = (inner.transformer.ln_f.weight, inner.transformer.ln_f.bias)
+            ln_f = inner.transformer.ln_f
+            norm_f = _Norm(kernels.LAYER, self.eps, ln_f.weight, ln_f.bias)
             self.max_positions = cfg.n_positions
         else:
             self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
@@ -681,11 +721,11 @@ class FastDecoder:
             self.eps = cfg.rms_norm_eps
             self.embed, self.wpe = inner.model.embed_tokens.weight, None
             self.layers = _llama_layers(inner, self.n_heads, self.n_kv, batch)
-            self.norm_f = None
+            norm_f = _Norm(kernels.RMS, self.eps)
             lm_w = lm_w * inner.model.norm.weight  # final RMSNorm weight folded into the head's columns
             self.rotary = inner.model.rotary_emb
             self.max_positions = None
-        self.lm_head = _Proj(lm_w, lm_b, batch)
+        self.lm_head = _Proj(lm_w, lm_b, batch, norm_f)  # the final norm included
         Hq, Hkv = self.n_heads, self.n_kv
         self.split_sizes = [Hq, Hkv, Hkv] if self.kind == "gpt2" else [Hq, Hkv, Hq, Hkv, Hkv]
         self.step_flops = 2 * sum(p.numel() for p in inner.parameters() if p.dim() == 2)  # per row, about
@@ -694,19 +734,11 @@ class FastDecoder:
         self._script_args = None  # the layer weights as _decode_layers takes them, where it applies
         if self.device.type == "cpu" and self.dtype == torch.float32 and act is not None:
             projs = [p for ly in self.layers for p in (ly.qkv, ly.o, ly.fc_in, ly.fc_out)]
-            norms = [] if self.kind != "gpt2" else [x for ly in self.layers for x in (*ly.norm1, *ly.norm2)]
-            self._script_args = (norms, [p.weight for p in projs], [p.b for p in projs], [p.kind for p in projs],
-                                 [p.n for p in projs], act,
+            norms = [p.norm_code or (0 if p.norm is None else p.norm.code) for p in projs]
+            eager = [p.norm or _Norm(0, 0.0) for p in projs]  # the norms _decode_layers runs itself
+            self._script_args = ([p.weight for p in projs], [p.b for p in projs], [p.kind for p in projs],
+                                 [p.n for p in projs], norms, [e.weight for e in eager], [e.bias for e in eager], act,
                                  *_ONEDNN_POST[act])
-
-    def _norm(self, x: torch.Tensor, norm: tuple | None) -> torch.Tensor:
-        """GPT-2 LayerNorm; Llama RMSNorm x / sqrt(mean(x²) + eps) without its weight (folded into the next
-        projection), computed in float32 as HF LlamaRMSNorm does."""
-        if norm is not None:
-            return F.layer_norm(x, (x.shape[-1],), norm[0], norm[1], self.eps)
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), None, self.eps)
-        return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
     def _split(self, qkv: torch.Tensor) -> tuple:
         """qkv (N, out) -> (q, k, v, q_rot, k_rot) as (N, heads, D) views; the rot parts are None for GPT-2."""
@@ -717,12 +749,11 @@ class FastDecoder:
         return q, k, v, q_rot, k_rot
 
     def _mlp_block(self, ly: _Layer, h: torch.Tensor) -> torch.Tensor:
-        x = self._norm(h, ly.norm2)
         if self.wpe is None:
-            gate, up = ly.fc_in(x).chunk(2, dim=-1)
+            gate, up = ly.fc_in(h).chunk(2, dim=-1)
             x = ly.act(gate).mul_(up)
         else:
-            x = ly.fc_in(x, ly.post, ly.act)
+            x = ly.fc_in(h, ly.post, ly.act)
         return ly.fc_out.add(x, h)
 
     def _prefill(self, ids: torch.Tensor, pos: torch.Tensor, caches: list, mask: torch.Tensor,
@@ -730,13 +761,13 @@ class FastDecoder:
         """The whole left-padded prompt ids (B, P) at positions pos; fills the caches' first P slots; returns the
         last position's logits (B, V). mask: additive (B, 1, P, P); valid: (B, P) bool, real tokens (packing)."""
         h = self._forward(ids, pos, caches, mask, valid=valid)[:, -1]
-        return self.lm_head(self._norm(h, self.norm_f))  # (B, V)
+        return self.lm_head(h)  # (B, V)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, caches: list, mask: torch.Tensor, start: int = 0,
                  valid: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens ids (B, n) at positions pos (B, n), written to cache slots [start, start + n) and attending to
         slots [0, start + n) under the additive mask (B, 1, n, start + n). Returns the last block's hidden states
-        (B, n, H); the LM head takes them after `self._norm(h, self.norm_f)` (only the rows a caller reads).
+        (B, n, H); the LM head (which includes the final norm) takes only the rows a caller reads.
 
         valid (B, n) bool, the real tokens: when padding fills at least PACK_PADDING_MIN of the rows, the
         row-wise work (embeddings, norms, projections, MLP) runs on the real tokens only, packed; attention
@@ -759,7 +790,7 @@ class FastDecoder:
         if grouped:  # the mask for grouped rows (below), built once for all layers: (B*Hkv, G*n, S)
             grouped_mask = mask[:, :, None].expand(B, Hkv, G, n, S).reshape(B * Hkv, G * n, S)
         for ly, (k_w, keys, v_w, values) in zip(self.layers, caches):
-            qkv = ly.qkv(self._norm(h, ly.norm1))
+            qkv = ly.qkv(h)
             if rows is not None:  # back to the (B*n) layout for attention; padding rows stay zero
                 qkv = qkv.new_zeros(B * n, qkv.shape[1]).index_copy_(0, rows, qkv)
             q, k, v, q_rot, k_rot = self._split(qkv)
@@ -814,10 +845,10 @@ class FastDecoder:
         if scripted is not None:
             h = scripted(h, t, Hq, Hkv, D, self.eps, *self._script_args, self.split_sizes, *cache_lists, mask, cos,
                          sin)
-            return self.lm_head(self._norm(h, self.norm_f))
+            return self.lm_head(h)
         mask = mask.narrow(2, 0, t + 1)
         for ly, (k_w, keys, v_w, values) in zip(self.layers, caches):
-            q, k, v, q_rot, k_rot = self._split(ly.qkv(self._norm(h, ly.norm1)))
+            q, k, v, q_rot, k_rot = self._split(ly.qkv(h))
             if q_rot is not None:
                 q = torch.addcmul(q * cos, q_rot, sin)  # (B, Hq, D) contiguous
                 torch.addcmul(k * cos, k_rot, sin, out=k_w.select(3, t))
@@ -828,7 +859,7 @@ class FastDecoder:
             a = torch.bmm(_softmax(scores), values.narrow(1, 0, t + 1))  # (B*Hkv, G, D)
             h = ly.o.add(a.view(B, Hq * D), h)
             h = self._mlp_block(ly, h)
-        return self.lm_head(self._norm(h, self.norm_f))  # (B, V)
+        return self.lm_head(h)  # (B, V)
 
     def completion_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                             prompt_width: int, completion_ids: torch.Tensor, temperature: float, group: int = 0
@@ -875,9 +906,9 @@ class FastDecoder:
         labels = completion_ids.to(self.device)
         rows = self._packed_rows(real)
         if rows is None:
-            logits = self.lm_head(self._norm(h.reshape(B * T, -1), self.norm_f)).view(B, T, -1)
+            logits = self.lm_head(h.reshape(B * T, -1)).view(B, T, -1)
             return gather_logprobs(logits, labels, temperature)
-        logits = self.lm_head(self._norm(h.reshape(B * T, -1)[rows], self.norm_f))  # (N, V)
+        logits = self.lm_head(h.reshape(B * T, -1)[rows])  # (N, V)
         lp = gather_logprobs(logits[None], labels.flatten()[rows][None], temperature)[0]
         return torch.zeros(B * T, dtype=lp.dtype, device=lp.device).index_copy_(0, rows, lp).view(B, T)
 

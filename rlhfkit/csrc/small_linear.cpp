@@ -8,12 +8,15 @@
 // k-major ((K, 16) contiguous); a tile of up to 6 rows x 16 columns keeps its sums in 12 of AVX2's 16 vector
 // registers while the panel streams through once.
 //
-// Numbers: every output is bias + Σ_k x[r,k] w[n,k] accumulated in k order with FMA, then act, then + h. A row's
+// Numbers: every output is bias + Σ_k x[r,k] w[n,k] accumulated in k order with FMA (x normalised first if asked),
+// then act, then + h. A row's
 // result does not depend on the other rows, on how many rows there are, or on the thread count (threads split
 // columns).
 //
-//   small_linear_pack(w (N, K), any strides) -> (ceil(N / 16), K, 16), zero-padded columns
-//   small_linear(x (M, K), packed, bias (N,)?, residual (M, N)?, N, act) -> act(x Wᵀ + b) (+ h), (M, N)
+//   small_linear_pack(w (N, K), any strides, scale (K,)?) -> (ceil(N / 16), K, 16) of w diag(scale),
+//     zero-padded columns
+//   small_linear(x (M, K), packed, bias (N,)?, residual (M, N)?, N, act, norm, eps)
+//     -> act(norm(x) Wᵀ + b) (+ h), (M, N)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -72,6 +75,37 @@ inline __m256 activate(__m256 v, int64_t act) {
     case SILU: return x_sigmoid(v, v);
     default: return v;
   }
+}
+
+// Row normalisations applied to x before the product (small_linear's norm): 0 none, 1 RMSNorm x / sqrt(mean(x²) +
+// eps), 2 LayerNorm (x - mean) / sqrt(var + eps); without weights (the caller folds them into W and b). Row
+// statistics in double.
+enum Norm : int64_t { NO_NORM = 0, RMS = 1, LAYER = 2 };
+
+at::Tensor normalized(const at::Tensor& x, int64_t norm, double eps) {
+  const int64_t M = x.size(0), K = x.size(1), ldx = x.stride(0);
+  at::Tensor out = at::empty({M, K}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = src + r * ldx;
+      float* yr = dst + r * K;
+      double mean = 0.0, sq = 0.0;
+      if (norm == LAYER) {
+        for (int64_t k = 0; k < K; ++k) mean += xr[k];
+        mean /= static_cast<double>(K);
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const double d = xr[k] - mean;
+        sq += d * d;
+      }
+      const float scale = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(K) + eps));
+      const float shift = static_cast<float>(mean);
+      for (int64_t k = 0; k < K; ++k) yr[k] = (xr[k] - shift) * scale;
+    }
+  });
+  return out;
 }
 
 // MR rows x the panel's ncols (<= 16) columns.
@@ -137,11 +171,19 @@ void check_float_cpu(const at::Tensor& t, const char* name) {
 
 }  // namespace
 
-at::Tensor small_linear_pack(const at::Tensor& w) {
+at::Tensor small_linear_pack(const at::Tensor& w, const std::optional<at::Tensor>& scale_in) {
   check_float_cpu(w, "w");
   TORCH_CHECK(w.dim() == 2, "rlhfkit small_linear_pack: w must be (out, in), got ", w.sizes());
   const int64_t N = w.size(0), K = w.size(1), P = (N + NR - 1) / NR;
-  at::Tensor out = at::zeros({P, K, NR}, w.options());
+  at::Tensor scale;
+  if (scale_in.has_value() && scale_in->defined()) {
+    check_float_cpu(*scale_in, "scale");
+    TORCH_CHECK(scale_in->numel() == K, "rlhfkit small_linear_pack: scale has ", scale_in->numel(),
+                " entries, not ", K);
+    scale = scale_in->contiguous();
+  }
+  const float* g = scale.defined() ? scale.data_ptr<float>() : nullptr;
+  at::Tensor out = at::empty({P, K, NR}, w.options());  // every entry is written below (padding: 0)
   const float* src = w.data_ptr<float>();
   const int64_t sn = w.stride(0), sk = w.stride(1);
   float* dst = out.data_ptr<float>();
@@ -149,12 +191,14 @@ at::Tensor small_linear_pack(const at::Tensor& w) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t cols = std::min(NR, N - p * NR);
       float* panel = dst + p * K * NR;
+      const float* rows = src + p * NR * sn;
+      if (cols < NR) std::fill(panel, panel + K * NR, 0.0f);
       if (sk == 1) {  // rows of w contiguous (nn.Linear): read along k
         for (int64_t j = 0; j < cols; ++j)
-          for (int64_t k = 0; k < K; ++k) panel[k * NR + j] = src[(p * NR + j) * sn + k];
+          for (int64_t k = 0; k < K; ++k) panel[k * NR + j] = rows[j * sn + k] * (g ? g[k] : 1.0f);
       } else {  // e.g. the transposed view of GPT-2's (in, out) Conv1D weight: read along n
         for (int64_t k = 0; k < K; ++k)
-          for (int64_t j = 0; j < cols; ++j) panel[k * NR + j] = src[(p * NR + j) * sn + k * sk];
+          for (int64_t j = 0; j < cols; ++j) panel[k * NR + j] = rows[j * sn + k * sk] * (g ? g[k] : 1.0f);
       }
     }
   });
@@ -170,7 +214,8 @@ at::Tensor as_float(const at::Tensor& t, const char* name) {
 }
 
 at::Tensor small_linear(const at::Tensor& x_float, const at::Tensor& packed, const std::optional<at::Tensor>& bias_in,
-                        const std::optional<at::Tensor>& residual_in, int64_t N, int64_t act) {
+                        const std::optional<at::Tensor>& residual_in, int64_t N, int64_t act, int64_t norm,
+                        double eps) {
   const at::Tensor x_in = as_float(x_float, "x");
   check_float_cpu(packed, "packed");
   TORCH_CHECK(x_in.dim() == 2, "rlhfkit small_linear: x must be (rows, in), got ", x_in.sizes());
@@ -181,7 +226,9 @@ at::Tensor small_linear(const at::Tensor& x_float, const at::Tensor& packed, con
   const int64_t M = x_in.size(0), K = x_in.size(1), P = packed.size(0);
   TORCH_CHECK(act >= NONE && act <= SILU, "rlhfkit small_linear: act must be 0-3, got ", act);
   TORCH_CHECK(N > (P - 1) * NR && N <= P * NR, "rlhfkit small_linear: N = ", N, " does not fit ", P, " panels");
-  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  TORCH_CHECK(norm >= NO_NORM && norm <= LAYER, "rlhfkit small_linear: norm must be 0-2, got ", norm);
+  const at::Tensor x_strided = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const at::Tensor x = norm == NO_NORM ? x_strided : normalized(x_strided, norm, eps);
   at::Tensor bias, residual;
   if (bias_in.has_value() && bias_in->defined()) {
     check_float_cpu(*bias_in, "bias");
@@ -226,7 +273,8 @@ at::Tensor small_linear(const at::Tensor& x_float, const at::Tensor& packed, con
 }
 
 TORCH_LIBRARY(rlhfkit, m) {
-  m.def("small_linear_pack(Tensor w) -> Tensor", small_linear_pack);
-  m.def("small_linear(Tensor x, Tensor packed, Tensor? bias, Tensor? residual, int n, int act=0) -> Tensor",
+  m.def("small_linear_pack(Tensor w, Tensor? scale=None) -> Tensor", small_linear_pack);
+  m.def("small_linear(Tensor x, Tensor packed, Tensor? bias, Tensor? residual, int n, int act=0, int norm=0, "
+        "float eps=0.0) -> Tensor",
         small_linear);
 }

@@ -293,6 +293,12 @@ def test_prepacked_projections_equal_naive_with_fused_post_ops(kernel, monkeypat
     small = R._Proj(w[:64, :64], None, rows=8)  # below PACK_MIN_WEIGHTS: oneDNN is not worth it, the kernel is
     assert small.kind == (R.KERNEL if expected == R.KERNEL else R.MM)
     torch.testing.assert_close(small(x[:, :64]), x[:, :64] @ w[:64, :64].t())
+    # a LayerNorm before the product (GPT-2's ln_1 / ln_2 / ln_f): the kernel folds its weight and bias into W, b
+    gamma, beta = torch.rand(256, generator=g) + 0.5, torch.randn(256, generator=g)
+    ln = R._Proj(conv1d.t(), b, rows=8, norm=R._Norm(kernels.LAYER, 1e-5, gamma, beta))
+    normed = torch.nn.functional.layer_norm(x * 4 + 3, (256,), gamma, beta, 1e-5)
+    torch.testing.assert_close(ln(x * 4 + 3), normed @ w.t() + b, rtol=1e-5, atol=2e-4)
+    torch.testing.assert_close(ln.add(x * 4 + 3, h), h + normed @ w.t() + b, rtol=1e-5, atol=2e-4)
 
 
 def test_gpt2_large_enough_to_prepack_equals_hf_and_thread_count_does_not_change_samples():

@@ -150,3 +150,26 @@ def test_fused_activations_match_torch():
     assert _kernel_act("gelu") == 0
     with pytest.raises(RuntimeError, match="act must be"):
         kernels.linear(x, packed, b, None, 4, 7)
+
+
+@pytest.mark.parametrize("m", [1, 8, 100])
+def test_row_norms_in_the_kernel_match_torch(m):
+    """norm RMS / LAYER normalise x's rows first (statistics in float64): equal to F.rms_norm / F.layer_norm and
+    then the product, also with rows whose mean is far from 0; pack(w, scale) packs w diag(scale)."""
+    F = torch.nn.functional
+    x, w, b, h = _case(m, 256, 40, seed=3)
+    x = x * 3 + torch.linspace(-50, 50, m).unsqueeze(1)  # large row means: LayerNorm must centre first
+    g = torch.rand(256) + 0.5
+    packed = kernels.pack(w, g)
+    assert torch.equal(packed, kernels.pack(w * g))
+    for code, norm in ((kernels.RMS, lambda y: F.rms_norm(y, (256,), None, 1e-5)),
+                       (kernels.LAYER, lambda y: F.layer_norm(y, (256,), None, None, 1e-5))):
+        want = (norm(x).double() * g.double()) @ w.double().t() + b.double() + h.double()
+        got = kernels.linear(x, packed, b, h, 40, 0, code, 1e-5)
+        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(kernels._reference_linear(x, packed, b, h, 40, 0, code, 1e-5), got, rtol=1e-5,
+                                   atol=1e-4)
+    with pytest.raises(RuntimeError, match="norm must be"):
+        kernels.linear(x, packed, b, None, 40, 0, 5, 1e-5)
+    with pytest.raises(RuntimeError, match="scale has"):
+        kernels.pack(w, g[:10])
