@@ -7,7 +7,8 @@ of small operators. Run it before comparing suite runs from different machines (
 Products: the 17 weight matrices a decode step of the benchmark's gpt2 reads (4 layers x [qkv 256->768,
 out 256->256, fc 256->1024, proj 1024->256] + the 4,096-token head), random, each timed as a whole step of
 `--rows` rows, median of `--reps`:
-  - oneDNN prepacked (`torch.ops.mkldnn._linear_pointwise`, rlhfkit's decoder, `rlhfkit.rollout._Proj`);
+  - rlhfkit's kernel (`rlhfkit.kernels`, the fast decoder's products where it builds: `rlhfkit.rollout._Proj`);
+  - oneDNN prepacked (`torch.ops.mkldnn._linear_pointwise`, the decoder's products without the kernel);
   - MKL `torch.mm(x, w.t())` on an (out, in) weight (nn.Linear) and on an (in, out) one (GPT-2's Conv1D, HF);
   - MKL packed (`torch.ops.mkl._mkl_linear`), and the transposed product w @ x.t();
   - a sum over the same 17 MB of weights (how long reading them takes, cache-warm).
@@ -22,6 +23,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from rlhfkit import kernels
 
 SHAPES = [(256, 768), (256, 256), (256, 1024), (1024, 256)] * 4 + [(256, 4096)]  # (in, out) per product
 
@@ -48,6 +51,9 @@ def products(rows: int, reps: int) -> dict[str, float]:
         "mm, (in, out) weight": (lambda w: w.t().contiguous(), lambda x, p: torch.mm(x, p)),
         "w @ x.t()": (lambda w: w, lambda x, p: torch.mm(p, x.t())),
     }
+    if kernels.available():  # rlhfkit's own (rlhfkit/csrc/small_linear.cpp), what the fast decoder uses
+        impls["rlhfkit kernel"] = (lambda w: (kernels.pack(w), w.shape[0]),
+                                   lambda x, p: kernels.linear(x, p[0], None, None, p[1]))
     if hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight") and torch._C.has_mkl:
         impls["mkl packed"] = (lambda w: (torch.ops.mkl._mkl_reorder_linear_weight(w, rows), w),
                                lambda x, p: torch.ops.mkl._mkl_linear(x, p[0], p[1], None, rows))
