@@ -6,7 +6,7 @@
         y = kernels.linear(x, packed, b, h, n)   # x (rows, in) -> x @ w.T + b + h, (rows, out)
 
 `available()` compiles the C++ source with torch.utils.cpp_extension on its first call on a machine (g++ and
-ninja, about 30 s, announced on stderr) and loads the cached library afterwards (TORCH_EXTENSIONS_DIR, default
+ninja, about 15 s, announced on stderr; a lock left by a killed build is removed after STALE_LOCK_S) and loads the cached library afterwards (TORCH_EXTENSIONS_DIR, default
 ~/.cache/torch_extensions). It is False, with one note on stderr saying why, on a non-x86 CPU, a CPU without AVX2,
 with RLHFKIT_KERNELS=0, or when the build fails (no compiler): the decoder then uses oneDNN's prepacked products,
 which give the same results to float rounding. Either way the ops `torch.ops.rlhfkit.small_linear[_pack]` exist
@@ -19,6 +19,7 @@ import contextlib
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -85,7 +86,7 @@ def _load() -> str | None:
     try:
         from torch.utils import cpp_extension
 
-        _announce_build(cpp_extension)
+        _prepare_build(cpp_extension)
         with _ninja_on_path():
             cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                                is_python_module=False, verbose=False)
@@ -95,14 +96,25 @@ def _load() -> str | None:
     return None
 
 
-def _announce_build(cpp_extension) -> None:
-    """A note on stderr when no built library is cached yet (the build takes a while)."""
+STALE_LOCK_S = 600
+"""A build lock older than this is left over from a build that was killed (torch would wait for it forever)."""
+
+
+def _prepare_build(cpp_extension) -> None:
+    """Before cpp_extension.load: remove a stale build lock, and say on stderr when no built library is cached yet
+    (the build takes a while)."""
     try:
-        built = any(Path(cpp_extension._get_build_directory(NAME, False)).glob(f"{NAME}*.so"))
-    except Exception:  # noqa: BLE001 - a private helper; without it, no note
+        build_dir = Path(cpp_extension._get_build_directory(NAME, False))
+    except Exception:  # noqa: BLE001 - a private helper; without it, neither
         return
-    if not built:
-        print(f"note: building rlhfkit's CPU product kernel ({SOURCE.name}) once for this machine, about 30 s",
+    lock = build_dir / "lock"
+    with contextlib.suppress(OSError):
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            print(f"note: removed a stale build lock {lock} (a killed build of rlhfkit's kernel)", file=sys.stderr,
+                  flush=True)
+    if not any(build_dir.glob(f"{NAME}*.so")):
+        print(f"note: building rlhfkit's CPU product kernel ({SOURCE.name}) once for this machine, about 15 s",
               file=sys.stderr, flush=True)
 
 

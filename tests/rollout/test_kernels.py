@@ -173,3 +173,19 @@ def test_row_norms_in_the_kernel_match_torch(m):
         kernels.linear(x, packed, b, None, 40, 0, 5, 1e-5)
     with pytest.raises(RuntimeError, match="scale has"):
         kernels.pack(w, g[:10])
+
+
+def test_a_stale_build_lock_is_removed(tmp_path, monkeypatch, capsys):
+    """A lock file left by a killed build would make torch wait forever: one older than STALE_LOCK_S is removed
+    (with a note), a fresh one (a build running in another process) is left alone."""
+    fake = type("cpp_extension", (), {"_get_build_directory": staticmethod(lambda name, verbose: str(tmp_path))})
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    kernels._prepare_build(fake)
+    assert lock.exists()
+    old = lock.stat().st_mtime - kernels.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    kernels._prepare_build(fake)
+    assert not lock.exists()
+    err = capsys.readouterr().err
+    assert "removed a stale build lock" in err and "building rlhfkit's CPU product kernel" in err
