@@ -54,6 +54,8 @@ def unavailable_reason() -> str | None:
 def pack(w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """w (out, in) float32 CPU, any strides -> (ceil(out / 16), in, 16): panels of 16 output columns, k-major;
     scale (in,): pack w diag(scale) instead (a norm's weight folded in, without a copy of w first)."""
+    if "ok" not in _STATE:
+        available()  # loads the kernel (or the stand-in) that defines the op
     return torch.ops.rlhfkit.small_linear_pack(w, scale)
 
 
@@ -71,6 +73,8 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, res
     """act(norm(x) (rows, in) @ Wᵀ + bias) + residual, (rows, n) float32, for packed = pack(W) of an (n, in) W;
     act: 0 none or an ACTS code; norm: 0 none, RMS or LAYER (with eps). A bf16/fp16 x or residual (CPU autocast)
     is converted: the product is a float32 one."""
+    if "ok" not in _STATE:
+        available()
     return torch.ops.rlhfkit.small_linear(x, packed, bias, residual, n, act, norm, eps)
 
 

@@ -65,7 +65,7 @@ inline __m256 x_sigmoid(__m256 x, __m256 z) {  // x / (1 + exp(-z))
 
 inline __m256 activate(__m256 v, int64_t act) {
   switch (act) {
-    case RELU: return _mm256_max_ps(v, _mm256_setzero_ps());
+    case RELU: return _mm256_max_ps(_mm256_setzero_ps(), v);  // NaN in, NaN out (maxps returns its 2nd operand)
     case GELU_TANH: {
       const __m256 v3 = _mm256_mul_ps(_mm256_mul_ps(v, v), v);  // 2u = 2√(2/π)(v + 0.044715 v³)
       const __m256 z = _mm256_mul_ps(_mm256_fmadd_ps(v3, _mm256_set1_ps(0.044715f), v),

@@ -148,6 +148,9 @@ def test_fused_activations_match_torch():
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, fn(base) + h, rtol=2e-6, atol=2e-6)
     assert _kernel_act("gelu") == 0
+    nan = torch.full((2, 1), float("nan"))  # a NaN stays a NaN through every activation, as in torch
+    for code in (1, 2, 3):
+        assert torch.isnan(kernels.linear(nan, packed, b, None, 4, code)).all()
     with pytest.raises(RuntimeError, match="act must be"):
         kernels.linear(x, packed, b, None, 4, 7)
 
