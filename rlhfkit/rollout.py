@@ -8,8 +8,9 @@ Two backends (`gen.backend`):
 - `fast` (the default through `auto` for Llama / Mistral / Qwen2 / GPT-2 models, LoRA included): `FastDecoder`, a
   lean decode loop in this file on the model's own weights with a preallocated KV cache. Small models on CPU spend
   most of HF `generate()`'s time in per-step Python (modules, cache objects, mask building, logits processors);
-  here a step is ~20 tensor calls per layer on prepacked weights (on CPU in float32 one TorchScript function,
-  `_decode_layers`), and small steps run on one thread (see `FastDecoder`). `bench/bench_rollout.py` and
+  here a step is ~15 tensor calls per layer on prepacked weights (on CPU in float32 one TorchScript function,
+  `_decode_layers`, whose projections, with the norms before them, are calls of rlhfkit's AVX2 kernel,
+  `rlhfkit.kernels`), and small steps run on one thread (see `FastDecoder`). `bench/bench_rollout.py` and
   `bench/suite.py` measure it.
 - `hf`: transformers `generate()`, for every other architecture (`auto` falls back to it).
 
@@ -391,8 +392,8 @@ class _Proj:
     """y = x @ Wᵀ + b for x (N, in), optionally after a norm of x, with a fused activation or residual add.
 
     On CPU in float32 the weight is packed once per FastDecoder for rlhfkit's product kernel
-    (`rlhfkit.kernels`, rlhfkit/csrc/small_linear.cpp: panels of 16 output columns; bias and residual add in the
-    kernel, the activation after it). At decode batch sizes it is about 2x faster than oneDNN's prepacked product
+    (`rlhfkit.kernels`, rlhfkit/csrc/small_linear.cpp: panels of 16 output columns; bias, ReLU / GELU-tanh / SiLU
+    and the residual add in the kernel, other activations after it). At decode batch sizes it is about 2x faster than oneDNN's prepacked product
     with two threads on an AVX2 host, and no slower from 32 rows up (bench/bench_host.py). Without the kernel (no
     compiler, no AVX2, KERNEL_PRODUCTS False), weights of PACK_MIN_WEIGHTS entries or more are reordered into
     oneDNN's blocked layout (torch.ops.mkldnn._reorder_linear_weight, what torch.compile's CPU weight freezing uses:
