@@ -25,6 +25,7 @@ len(prompt) + t, the same positions `rlhfkit.rl.forward_logprobs` uses in traini
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import statistics
 import time
@@ -660,13 +661,18 @@ _SCRIPTED: list = []  # [compiled _decode_layers or None], filled on first use
 def _scripted_layers() -> Callable | None:
     """_decode_layers compiled by TorchScript once per process, or None where that fails (a torch without
     TorchScript: the eager step runs instead). torch.jit.script warns that it is deprecated; the warning is
-    silenced here, as nothing is saved or exported, and the fallback keeps every path working without it."""
+    silenced here, as nothing is saved or exported, and the fallback keeps every path working without it.
+    TorchScript compiles from the source file on disk: if that file changed after the import (rlhfkit edited or
+    upgraded under a running process) it may compile other lines, so a result whose arguments are not
+    _decode_layers' is dropped too."""
     if not _SCRIPTED:
         kernels.available()  # registers torch.ops.rlhfkit.small_linear (the kernel, or a stand-in), which it names
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                _SCRIPTED.append(torch.jit.script(_decode_layers))
+                compiled = torch.jit.script(_decode_layers)
+            names = [a.name for a in compiled.schema.arguments]
+            _SCRIPTED.append(compiled if names == list(inspect.signature(_decode_layers).parameters) else None)
         except Exception:  # noqa: BLE001 - any failure to compile means: run the eager step
             _SCRIPTED.append(None)
     return _SCRIPTED[0]

@@ -398,6 +398,22 @@ def test_scripted_decode_step_samples_exactly_like_the_eager_step(stories, kind,
     assert runs[True].logprobs == runs[False].logprobs
 
 
+def test_scripted_step_compiled_from_other_source_lines_is_dropped(stories, monkeypatch):
+    """TorchScript reads the source file at compile time; when rollout.py changed under a running process it
+    compiled another function's lines (seen: _proj_add's) and the first decode step failed. A compiled function
+    whose arguments are not _decode_layers' is now dropped: the eager step runs and sampling works."""
+    script = torch.jit.script
+    monkeypatch.setattr(rollout, "_SCRIPTED", [])
+    monkeypatch.setattr(torch.jit, "script", lambda fn: script(rollout._proj_add))  # what a stale file compiles
+    assert rollout._scripted_layers() is None
+    gen = GenConfig(max_new_tokens=6, temperature=1.0, batch_size=3, backend="fast")
+    out = sample(stories, TOK, random_prompts(3, 512, seed=1), gen, seed=0)  # raised with the stale function
+    assert len(out.completion_ids) == 3 and all(1 <= len(c) <= 6 for c in out.completion_ids)
+    monkeypatch.setattr(torch.jit, "script", script)
+    monkeypatch.setattr(rollout, "_SCRIPTED", [])
+    assert rollout._scripted_layers() is not None  # the real source compiles
+
+
 @pytest.mark.parametrize("kind", ["stories", "llama-gqa", "gpt2"])
 def test_half_precision_decoder_scores_like_the_training_forward(stories, kind):
     """bf16 weights: the decoder runs (attention softmax in fp32, as HF does) and its sampling log-probs agree
