@@ -411,7 +411,8 @@ class _Proj:
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None, rows: int, norm: _Norm | None = None):
         """w (out, in), b (out,) or None; rows: the typical N (a hint for oneDNN's blocked layout)."""
         self.b, self.n, self.w_t, self.packed = b, w.shape[0], None, None
-        self.norm, self.norm_code, self.eps = norm, 0, 0.0
+        self.norm = norm  # the norm run as its own op first (None: none, or done by the kernel)
+        self.norm_code, self.eps = (0, 0.0) if norm is None else (norm.code, norm.eps)
         if _kernel_applies(w):  # any strides: GPT-2's Conv1D weight is packed from its transposed view
             self.kind = KERNEL
             self.packed = kernels.pack(w, None if norm is None else norm.weight)
@@ -419,7 +420,7 @@ class _Proj:
                 if norm.bias is not None:  # b + W β, in float64
                     shift = (w.double() @ norm.bias.double()).float()
                     self.b = shift if b is None else b + shift
-                self.norm, self.norm_code, self.eps = None, norm.code, norm.eps
+                self.norm = None
         elif _packable(w):  # a transposed view (GPT-2's Conv1D) is read in place: the reorder takes any strides
             plain = w.is_contiguous() or w.t().is_contiguous()
             self.kind = ONEDNN
@@ -617,7 +618,7 @@ def _decode_layers(h: torch.Tensor, t: int, n_heads: int, n_kv: int, head_dim: i
                    k_w: List[torch.Tensor], keys: List[torch.Tensor], v_w: List[torch.Tensor],
                    values: List[torch.Tensor], mask: torch.Tensor, cos: torch.Tensor, sin: Optional[torch.Tensor]
                    ) -> torch.Tensor:
-    """FastDecoder._step's layers as one function, compiled by TorchScript (`_scripted_layers`) so that its ~25
+    """FastDecoder._step's layers as one function, compiled by TorchScript (`_scripted_layers`) so that its ~15
     tensor ops per layer run without Python between them: CPU float32 only, where a small model's decode step is
     bound by per-op overhead (a kept-decoder sample() of 8 x 32 tokens: stories260k 40.7 -> 36.4 ms, the
     benchmark's gpt2 103 -> 95 ms, medians of 37 alternating calls on an AVX2 host). The same ops in the same
@@ -741,11 +742,10 @@ class FastDecoder:
         self._script_args = None  # the layer weights as _decode_layers takes them, where it applies
         if self.device.type == "cpu" and self.dtype == torch.float32 and act is not None:
             projs = [p for ly in self.layers for p in (ly.qkv, ly.o, ly.fc_in, ly.fc_out)]
-            norms = [p.norm_code or (0 if p.norm is None else p.norm.code) for p in projs]
-            eager = [p.norm or _Norm(0, 0.0) for p in projs]  # the norms _decode_layers runs itself
+            eager = [p.norm or _Norm(0, 0.0) for p in projs]  # the norms _decode_layers runs itself (not folded)
             self._script_args = ([p.weight for p in projs], [p.b for p in projs], [p.kind for p in projs],
-                                 [p.n for p in projs], norms, [e.weight for e in eager], [e.bias for e in eager], act,
-                                 *_ONEDNN_POST[act])
+                                 [p.n for p in projs], [p.norm_code for p in projs], [e.weight for e in eager],
+                                 [e.bias for e in eager], act, *_ONEDNN_POST[act])
 
     def _split(self, qkv: torch.Tensor) -> tuple:
         """qkv (N, out) -> (q, k, v, q_rot, k_rot) as (N, heads, D) views; the rot parts are None for GPT-2."""
