@@ -13,14 +13,26 @@ does nothing but the step's *weight* matrix products, in the most favourable for
 - per weight: the forward product, and for the trained policy the two backward products (grad input g·Wᵀ and
   grad weight xᵀ·g); the LM head only at the positions a loss reads (DPO: the completion tokens); DPO's reference
   is one more forward; RM's scalar head (d x 1) is left out.
-Attention's QKᵀ and AV products, norms, softmax, the loss, the optimizer and all framework overhead take no time
-in it. A real training step does all of that too, so its time is at least this program's, and
+Norms, softmax, the loss, the optimizer and all framework overhead take no time in it. A real training step does all
+of that too, so its time is at least this program's, and
 
     MFU ceiling = model FLOPs of the step (attention included) / time of the weight products alone / peak
 
 bounds the MFU of every implementation built on these kernels (oneDNN / MKL through torch.mm), rlhfkit's and
-TRL's alike. The peak is measured here as the suite does (square fp32 products of 512-2048, the best size), and
-the products are timed alternately with it. Threads: 2, as the workload.
+TRL's alike. A second, lower bound adds attention's score products, which every implementation also runs: per
+layer QKᵀ and PV forward and their four backward products (dP = dO·Vᵀ, dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q), as
+batched products over the step's sequences padded to the step's longest (what a batched implementation computes;
+the model FLOPs count only the causal half), in the faster of two layouts: one batch entry per query head, or the
+G query heads that share a key/value head stacked as one matrix (rlhfkit's `attention.py`). Its ceiling is
+
+    MFU ceiling with attention = model FLOPs of the step / time of weight and attention products / peak
+
+It bounds every implementation that runs attention as batched products (rlhfkit's; PyTorch's SDPA kernel, which
+TRL's models call, is slower still at these shapes: `bench/bench_attention.py`). On gpt2 the attention products
+cost little (84% against 88-89% on 2026-12-03); on stories260k, 64 columns and 8-dim heads, they halve the ceiling
+(42-45% against 82-85%): only hand-written attention and product kernels could go above that. The peak is
+measured here as the suite does (square fp32 products of 512-2048, the best size), in groups timed alternately
+with the programs. Threads: 2, as the workload.
 """
 
 from __future__ import annotations
@@ -59,6 +71,53 @@ def weight_shapes(model_dir: Path) -> tuple[list[tuple[int, int]], tuple[int, in
     return block * layers, (d, vocab)
 
 
+def attention_shape(model_dir: Path) -> tuple[int, int, int, int]:
+    """(layers, query heads, key/value heads, head dim) of the model."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    if c.model_type == "gpt2":
+        return c.n_layer, c.n_head, c.n_head, c.n_embd // c.n_head
+    heads = c.num_attention_heads
+    return (c.num_hidden_layers, heads, c.num_key_value_heads or heads,
+            getattr(c, "head_dim", None) or c.hidden_size // heads)
+
+
+def attention_program(shape: tuple[int, int, int, int], sequences: int, length: int, train: bool, reference: bool,
+                      stacked: bool):
+    """A function running one step's attention score products (batched, every sequence padded to `length`):
+    stacked=False one batch entry per query head, True the G query heads of a key/value head as one matrix."""
+    layers, heads, kv, dim = shape
+    batch, rows = (sequences * kv, heads // kv * length) if stacked else (sequences * heads, length)
+    q, k, v = torch.randn(batch, rows, dim), torch.randn(batch, length, dim), torch.randn(batch, length, dim)
+    p, g = torch.randn(batch, rows, length), torch.randn(batch, rows, dim)
+    kt, vt, pt = k.transpose(1, 2), v.transpose(1, 2), p.transpose(1, 2)
+
+    def run() -> None:
+        for _ in range((1 + reference if train else 1) * layers):
+            torch.bmm(q, kt)
+            torch.bmm(p, v)
+        if train:
+            for _ in range(layers):
+                torch.bmm(g, vt)  # dP
+                torch.bmm(pt, g)  # dV
+                torch.bmm(p, k)  # dQ (dS in P's place: same shape)
+                torch.bmm(pt, q)  # dK (dSᵀ·Q)
+
+    return run
+
+
+def timed(run, reps: int) -> float:
+    for _ in range(3):
+        run()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def products_program(shapes: list[tuple[int, int]], head: tuple[int, int], tokens: int, head_rows: int,
                      train: bool, reference: bool):
     """A function running one step's weight products on random data of the given sizes (buffers made once)."""
@@ -93,43 +152,46 @@ def ceiling(task: str, model: str, work: Path, reps: int, threads: int) -> dict:
                                              reference=task == "dpo") for s in steps)
     tokens = round(statistics.fmean(sum(2 * p + c + r for p, c, r in s) for s in steps))
     head_rows = round(statistics.fmean(sum(c + r for _, c, r in s) for s in steps)) if task == "dpo" else 0
+    length = round(statistics.fmean(max(p + max(c, r) for p, c, r in s) for s in steps))
     shapes, head = weight_shapes(w.model_dir)
+    attn = attention_shape(w.model_dir)
     torch.set_num_threads(threads)
     with torch.inference_mode():
         run = products_program(shapes, head, tokens, head_rows, train=True, reference=task == "dpo")
-        for _ in range(3):
-            run()
-        times, peaks = [], []
-        for _ in range(reps):  # the products and the peak alternately: both see the same machine
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-            if len(peaks) < max(3, reps // 4):
-                peaks.append(measure_peak(threads, reps=3)["gflops_wall"])
-    t, peak = statistics.median(times), statistics.median(peaks)
-    return {"task": task, "model": model, "step_gflop": flops / 1e9, "tokens": tokens, "products_ms": t * 1e3,
-            "peak_gflops": peak, "products_gflops": flops / t / 1e9, "ceiling": flops / t / (peak * 1e9)}
+        layouts = [attention_program(attn, 2 * BATCH, length, train=True, reference=task == "dpo", stacked=st)
+                   for st in ((False, True) if attn[1] != attn[2] else (False,))]
+        times, attention, peaks = [], [], []
+        for _ in range(max(1, reps // 7)):  # the products and the peak alternately: both see the same machine
+            times.append(timed(run, 7))
+            attention.append(min(timed(a, 7) for a in layouts))
+            peaks.append(measure_peak(threads, reps=3)["gflops_wall"])
+    t, ta, peak = statistics.median(times), statistics.median(attention), statistics.median(peaks)
+    return {"task": task, "model": model, "step_gflop": flops / 1e9, "tokens": tokens, "padded_length": length,
+            "products_ms": t * 1e3, "attention_ms": ta * 1e3, "peak_gflops": peak,
+            "products_gflops": flops / t / 1e9, "ceiling": flops / t / (peak * 1e9),
+            "ceiling_attention": flops / (t + ta) / (peak * 1e9)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="stories260k,gpt2")
     ap.add_argument("--tasks", default="dpo,rm")
-    ap.add_argument("--reps", type=int, default=21)
+    ap.add_argument("--reps", type=int, default=21, help="timed runs of each program (in groups of 7)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "rlhfkit_bench"),
                     help="the suite's workload folder (built on first use)")
     args = ap.parse_args()
     load = os.getloadavg()[0]
     print(f"torch {torch.__version__}, {args.threads} threads, load average {load:.1f}")
-    print("| task | model | model GFLOP per step | tokens per step | weight products alone, ms | fp32 peak GFLOP/s "
-          "| MFU ceiling |")
-    print("|---|---|---|---|---|---|---|")
+    print("| task | model | model GFLOP per step | tokens per step | weight products alone, ms | attention products "
+          "(padded length), ms | fp32 peak GFLOP/s | MFU ceiling (weight products) | MFU ceiling (with attention) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for model in args.models.split(","):
         for task in args.tasks.split(","):
             r = ceiling(task, model, Path(args.work), args.reps, args.threads)
             print(f"| {task} | {model} | {r['step_gflop']:.2f} | {r['tokens']} | {r['products_ms']:.1f} | "
-                  f"{r['peak_gflops']:.0f} | **{r['ceiling']:.0%}** |", flush=True)
+                  f"{r['attention_ms']:.1f} ({r['padded_length']}) | {r['peak_gflops']:.0f} | **{r['ceiling']:.0%}** "
+                  f"| **{r['ceiling_attention']:.0%}** |", flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
