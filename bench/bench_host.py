@@ -29,7 +29,7 @@ from rlhfkit import kernels
 SHAPES = [(256, 768), (256, 256), (256, 1024), (1024, 256)] * 4 + [(256, 4096)]  # (in, out) per product
 
 
-def _median_ms(fn, reps: int) -> float:
+def median_ms(fn, reps: int) -> float:
     for _ in range(3):
         fn()
     times = []
@@ -65,9 +65,9 @@ def products(rows: int, reps: int) -> dict[str, float]:
             print(f"  {name}: unavailable ({str(e).splitlines()[0]})")
             continue
         pairs = [(xs[w.shape[1]], p) for w, p in zip(ws, packed)]
-        out[name] = _median_ms(lambda: [call(x, p) for x, p in pairs], reps)
+        out[name] = median_ms(lambda: [call(x, p) for x, p in pairs], reps)
     flat = torch.cat([w.flatten() for w in ws])
-    out["sum over the weights (read)"] = _median_ms(flat.sum, reps)
+    out["sum over the weights (read)"] = median_ms(flat.sum, reps)
     return out
 
 
@@ -75,7 +75,7 @@ def small_ops(rows: int, reps: int) -> dict[str, float]:
     a, b = torch.randn(rows, 64), torch.randn(rows, 64)
     ops = {"add": lambda: torch.add(a, b), "view": lambda: a.view(-1),
            "rms_norm": lambda: F.rms_norm(a, (64,), None, 1e-5), "softmax": lambda: torch.softmax(a, -1)}
-    return {name: _median_ms(fn, reps * 20) * 1e3 for name, fn in ops.items()}  # microseconds
+    return {name: median_ms(fn, reps * 20) * 1e3 for name, fn in ops.items()}  # microseconds
 
 
 def main() -> None:

@@ -42,13 +42,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_host import median_ms  # noqa: E402
 from suite import measure_peak  # noqa: E402
 from workload import BATCH, build, model_shape, pair_lengths, pair_step_flops  # noqa: E402
 
@@ -107,17 +107,6 @@ def attention_program(shape: tuple[int, int, int, int], sequences: int, length: 
     return run
 
 
-def timed(run, reps: int) -> float:
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def products_program(shapes: list[tuple[int, int]], head: tuple[int, int], tokens: int, head_rows: int,
                      train: bool, reference: bool):
     """A function running one step's weight products on random data of the given sizes (buffers made once)."""
@@ -162,8 +151,8 @@ def ceiling(task: str, model: str, work: Path, reps: int, threads: int) -> dict:
                    for st in ((False, True) if attn[1] != attn[2] else (False,))]
         times, attention, peaks = [], [], []
         for _ in range(max(1, reps // 7)):  # the products and the peak alternately: both see the same machine
-            times.append(timed(run, 7))
-            attention.append(min(timed(a, 7) for a in layouts))
+            times.append(median_ms(run, 7) / 1e3)
+            attention.append(min(median_ms(a, 7) for a in layouts) / 1e3)
             peaks.append(measure_peak(threads, reps=3)["gflops_wall"])
     t, ta, peak = statistics.median(times), statistics.median(attention), statistics.median(peaks)
     return {"task": task, "model": model, "step_gflop": flops / 1e9, "tokens": tokens, "padded_length": length,
